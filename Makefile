@@ -1,0 +1,39 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-cpp clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+
+# Installs torch, the test/demo dependencies and torch_varlen itself (editable, built against
+# that torch). A stamp file keeps a second `make test` from reinstalling.
+$(VENV)/.installed: $(PY) pyproject.toml setup.py CMakeLists.txt requirements-dev.txt
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+demo: install
+	$(PY) -m torch_varlen.demo $(DEMO_ARGS)
+
+test: install test-cpp
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The C++ user's path: CMakeLists.txt builds the library and an example that calls an op
+# through the dispatcher, with no Python.
+test-cpp: install
+	cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DCMAKE_BUILD_TYPE=Release > build/cpp.log 2>&1 || (mkdir -p build && cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')")
+	cmake --build build/cpp -j 2
+	./build/cpp/varlen_cpp_example ./build/cpp/libtorch_varlen.so
+
+clean:
+	rm -rf build $(VENV) torch_varlen/_C/_kernels*.so *.egg-info

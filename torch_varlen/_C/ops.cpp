@@ -1,0 +1,59 @@
+// The one place every torch_varlen operator schema is written (DESIGN.md rule 1).
+// Kernels live in cpu/ and cuda/ (TORCH_LIBRARY_IMPL per file); Triton launchers are
+// registered for CUDA from Python; fakes live in torch_varlen/meta; autograd in
+// torch_varlen/autograd.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(varlen, m) {
+  // ---- padding -------------------------------------------------------------------------
+  // hidden_states (batch, seqlen, *rest); attention_mask / unused_mask (batch, seqlen), any
+  // dtype, nonzero = keep. Rows where mask|unused is set, in row-major order.
+  // hidden_unpad (nnz, *rest); indices int64 (nnz,) into the flattened (batch*seqlen);
+  // cu_seqlens int32 (batch+1,); max_seqlen = longest (mask|unused) row; seqused int32
+  // (batch,) counts attention_mask only.
+  m.def(
+      "unpad(Tensor hidden_states, Tensor attention_mask, Tensor? unused_mask=None) -> "
+      "(Tensor hidden_unpad, Tensor indices, Tensor cu_seqlens, SymInt max_seqlen, "
+      "Tensor seqused)");
+  // Static-shape unpad: hidden_unpad (capacity, *rest) and indices (capacity,); rows past
+  // the valid ones are zero and their indices equal batch*seqlen. Errors if capacity < nnz.
+  m.def(
+      "unpad_capacity(Tensor hidden_states, Tensor attention_mask, Tensor? unused_mask, "
+      "SymInt capacity) -> (Tensor hidden_unpad, Tensor indices, Tensor cu_seqlens, "
+      "Tensor seqused)");
+  // attention_mask_in_length (batch, seqlen): row r lists the lengths of the samples
+  // concatenated in row r, then zeros. One sequence per nonzero entry (row-major).
+  m.def(
+      "unpad_concat(Tensor hidden_states, Tensor attention_mask_in_length) -> "
+      "(Tensor hidden_unpad, Tensor indices, Tensor cu_seqlens, SymInt max_seqlen)");
+  // Scatter (nnz, *rest) rows into zeros (batch, seqlen, *rest); indices >= batch*seqlen
+  // are ignored (capacity padding).
+  m.def("pad(Tensor hidden_unpad, Tensor indices, SymInt batch, SymInt seqlen) -> Tensor");
+  // Gather: padded (batch, seqlen, *rest) -> (nnz, *rest); indices >= batch*seqlen give
+  // zero rows. The backward of pad (and pad is the backward of this and of every unpad).
+  m.def("gather_rows(Tensor padded, Tensor indices) -> Tensor");
+
+  // ---- attention -----------------------------------------------------------------------
+  // q (total_q, nheads, headdim), k (total_k, nheads_k, headdim), v (total_k, nheads_k,
+  // headdim_v); cu_seqlens_* int32 (batch+1,). Causal is window_right = 0 (bottom-right).
+  // out (total_q, nheads, headdim_v); softmax_lse (nheads, total_q) float32 (float64 for
+  // float64 inputs). rng_state int64 (2,) = [seed, offset] on q's device, needed when
+  // dropout_p > 0. deterministic only affects the backward; it is here so autograd sees it.
+  // The backward takes the gradient of softmax_lse too (optional): dS = P * (dP - (D - dlse))
+  // with D = rowsum(dO * O), so a loss that uses lse is differentiated correctly.
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
+      "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
+      "int window_left=-1, int window_right=-1, float softcap=0.0, "
+      "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
+      "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
+      "bool deterministic=False) -> (Tensor out, Tensor softmax_lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor softmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+      "SymInt max_seqlen_k, float softmax_scale, int window_left=-1, int window_right=-1, "
+      "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
+      "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
+      "bool deterministic=False, Tensor? grad_lse=None) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

@@ -1,0 +1,97 @@
+"""Autograd formulas (DESIGN.md rule 3): each backward calls registered ops, never raw kernels.
+
+unpad* -> backward is pad; pad -> backward is gather_rows; gather_rows -> backward is pad;
+attention_forward -> backward is attention_backward.
+"""
+
+import torch
+
+_ops = torch.ops.varlen
+
+
+# ---------------------------------------------------------------- padding
+
+
+def _setup_unpad(ctx, inputs, output):
+    hidden_states = inputs[0]
+    ctx.save_for_backward(output[1])  # indices
+    ctx.batch, ctx.seqlen = hidden_states.shape[0], hidden_states.shape[1]
+
+
+def _backward_unpad(ctx, grad_unpad, *_):
+    (indices,) = ctx.saved_tensors
+    return (_ops.pad(grad_unpad, indices, ctx.batch, ctx.seqlen),) + (None,) * (ctx.num_inputs - 1)
+
+
+for _name, _num_inputs in (("unpad", 3), ("unpad_capacity", 4), ("unpad_concat", 2)):
+
+    def _setup(ctx, inputs, output, _n=_num_inputs):
+        _setup_unpad(ctx, inputs, output)
+        ctx.num_inputs = _n
+
+    torch.library.register_autograd(f"varlen::{_name}", _backward_unpad, setup_context=_setup)
+
+
+def _setup_pad(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _backward_pad(ctx, grad_padded):
+    (indices,) = ctx.saved_tensors
+    return _ops.gather_rows(grad_padded, indices), None, None, None
+
+
+torch.library.register_autograd("varlen::pad", _backward_pad, setup_context=_setup_pad)
+
+
+def _setup_gather_rows(ctx, inputs, output):
+    padded, indices = inputs
+    ctx.save_for_backward(indices)
+    ctx.batch, ctx.seqlen = padded.shape[0], padded.shape[1]
+
+
+def _backward_gather_rows(ctx, grad_rows):
+    (indices,) = ctx.saved_tensors
+    return _ops.pad(grad_rows, indices, ctx.batch, ctx.seqlen), None
+
+
+torch.library.register_autograd(
+    "varlen::gather_rows", _backward_gather_rows, setup_context=_setup_gather_rows
+)
+
+
+# ---------------------------------------------------------------- attention
+
+# attention_forward's arguments, in schema order, split into saved tensors and plain values.
+_ATTN_TENSORS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
+_ATTN_OPTIONAL_TENSORS = ("alibi_slopes", "cu_seqlens_q_padded", "cu_seqlens_k_padded", "rng_state")
+_ATTN_SCHEMA = (
+    "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
+    "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q_padded",
+    "cu_seqlens_k_padded", "dropout_p", "rng_state", "deterministic",
+)
+
+
+def _setup_attention(ctx, inputs, output):
+    args = dict(zip(_ATTN_SCHEMA, inputs))
+    out, lse = output
+    ctx.save_for_backward(
+        *(args[n] for n in _ATTN_TENSORS), out, lse, *(args[n] for n in _ATTN_OPTIONAL_TENSORS)
+    )
+    ctx.values = {n: v for n, v in args.items() if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS}
+
+
+def _backward_attention(ctx, grad_out, grad_lse):
+    q, k, v, cu_q, cu_k, out, lse, alibi, cu_q_pad, cu_k_pad, rng_state = ctx.saved_tensors
+    a = ctx.values
+    dq, dk, dv = _ops.attention_backward(
+        grad_out, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"],
+        a["softmax_scale"], a["window_left"], a["window_right"], a["softcap"], alibi, cu_q_pad,
+        cu_k_pad, a["dropout_p"], rng_state, a["deterministic"], grad_lse,
+    )
+    return (dq, dk, dv) + (None,) * (len(_ATTN_SCHEMA) - 3)
+
+
+torch.library.register_autograd(
+    "varlen::attention_forward", _backward_attention, setup_context=_setup_attention
+)

@@ -1,0 +1,5 @@
+"""flash-attn / AITER compatible padding API: ``from torch_varlen.bert_padding import ...``."""
+
+from .ops import pad_input, unpad_input, unpad_input_for_concatenated_sequences
+
+__all__ = ["unpad_input", "pad_input", "unpad_input_for_concatenated_sequences"]

@@ -1,0 +1,1 @@
+"""Triton kernels for CUDA tensors, registered as the CUDA kernels of torch.ops.varlen.*."""

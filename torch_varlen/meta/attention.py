@@ -1,0 +1,81 @@
+"""Fakes for the attention ops, and the shape checks the Triton launchers share with them."""
+
+import torch
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def lse_dtype(q: torch.Tensor) -> torch.dtype:
+    """softmax_lse is float32, except float64 for float64 inputs (so gradcheck sees float64)."""
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None,
+                           cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
+                           window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0,
+                           rng_state=None):
+    """Shape, dtype and device checks of attention_forward (values are checked by kernels)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        torch._check(t.dim() == 3, lambda: f"{name} must be (total, nheads, headdim), got shape {tuple(t.shape)}")
+        torch._check(t.dtype in _DTYPES, lambda: f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
+                 lambda: f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(k.device == q.device and v.device == q.device,
+                 lambda: f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    torch._check(k.shape[2] == q.shape[2],
+                 lambda: f"q and k must have the same head dim, got {q.shape[2]} and {k.shape[2]}")
+    torch._check(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1],
+                 lambda: f"v must be (total_k, nheads_k, headdim_v) with k's first two dims "
+                 f"{tuple(k.shape[:2])}, got {tuple(v.shape)}")
+    torch._check(k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0,
+                 lambda: f"nheads ({q.shape[1]}) must be divisible by nheads_k ({k.shape[1]})")
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                    ("cu_seqlens_q_padded", cu_seqlens_q_padded),
+                    ("cu_seqlens_k_padded", cu_seqlens_k_padded)):
+        if t is None:
+            continue
+        torch._check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}")
+        torch._check(t.dim() == 1 and t.shape[0] >= 1,
+                     lambda: f"{name} must be 1-D of shape (batch+1,), got {tuple(t.shape)}")
+        torch._check(t.shape[0] == batch + 1,
+                     lambda: f"{name} must have batch+1 = {batch + 1} entries like cu_seqlens_q, got {t.shape[0]}")
+        torch._check(t.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {t.device}")
+    if alibi_slopes is not None:
+        torch._check(alibi_slopes.dtype == torch.float32,
+                     lambda: f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        torch._check(tuple(alibi_slopes.shape) in ((q.shape[1],), (batch, q.shape[1])),
+                     lambda: f"alibi_slopes must be (nheads,) = ({q.shape[1]},) or (batch, nheads) = "
+                     f"({batch}, {q.shape[1]}), got {tuple(alibi_slopes.shape)}")
+        torch._check(alibi_slopes.device == q.device,
+                     lambda: f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+    torch._check(window_left >= -1 and window_right >= -1,
+                 lambda: f"window_size entries must be >= -1 (-1 = unbounded), got ({window_left}, {window_right})")
+    torch._check(softcap >= 0, lambda: f"softcap must be >= 0 (0 = off), got {softcap}")
+    torch._check(0 <= dropout_p < 1, lambda: f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_p > 0:
+        torch._check(rng_state is not None, lambda: "rng_state ([seed, offset] int64) is required when dropout_p > 0")
+        torch._check(rng_state.dtype == torch.int64 and tuple(rng_state.shape) == (2,),
+                     lambda: f"rng_state must be int64 of shape (2,), got {rng_state.dtype} {tuple(rng_state.shape)}")
+
+
+@torch.library.register_fake("varlen::attention_forward")
+def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+                            alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
+                            dropout_p=0.0, rng_state=None, deterministic=False):
+    check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
+                           cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state)
+    total_q, nheads, _ = q.shape
+    out = q.new_empty((total_q, nheads, v.shape[2]))
+    lse = q.new_empty((nheads, total_q), dtype=lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake("varlen::attention_backward")
+def _attention_backward_fake(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1,
+                             window_right=-1, softcap=0.0, alibi_slopes=None,
+                             cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, dropout_p=0.0,
+                             rng_state=None, deterministic=False, grad_lse=None):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

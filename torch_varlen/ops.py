@@ -1,0 +1,194 @@
+"""torch_varlen's public functions: thin, keyword-friendly calls into torch.ops.varlen.*.
+
+Shape legend: B batch, S padded seqlen, N total packed tokens (sum of lengths), H query heads,
+Hk key/value heads (H % Hk == 0), D head dim of q and k, Dv head dim of v, ``*`` any
+trailing dims. ``cu_seqlens`` is int32 (B+1,): lengths 2, 4, 3 -> ``[0, 2, 6, 9]``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+_ops = torch.ops.varlen
+
+__all__ = [
+    "unpad_input",
+    "pad_input",
+    "unpad_input_for_concatenated_sequences",
+    "varlen_attention",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+]
+
+
+# ---------------------------------------------------------------- padding
+
+
+def unpad_input(hidden_states, attention_mask, unused_mask=None, *, capacity: Optional[int] = None):
+    """Remove padding: (B, S, *) -> (N, *) packed rows.
+
+    Args:
+        hidden_states: (B, S, *) any dtype.
+        attention_mask: (B, S), bool or integer; nonzero = valid token.
+        unused_mask: (B, S) optional; nonzero = allocated but unused (kept in the packed
+            rows and in ``cu_seqlens``, not counted in ``seqused``).
+        capacity: optional static row count C. Outputs then have shapes that depend only on
+            the input shapes (no host sync, CUDA-graph capturable): ``hidden_unpad`` and
+            ``indices`` have exactly C rows, valid rows first, the rest zero, unused indices
+            equal ``B*S`` (``pad_input`` ignores them), and ``max_seqlen`` is ``S``. If C is
+            smaller than the number of kept tokens the op raises (on CUDA: a device-side
+            assert, raised at the next synchronisation, since checking on the host would sync).
+
+    Returns:
+        ``(hidden_unpad, indices, cu_seqlens, max_seqlen, seqused)``: (N, *), int64 (N,)
+        into the flattened (B*S), int32 (B+1,), int (a SymInt under torch.compile), int32 (B,).
+
+    Example::
+
+        mask = [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]  # lengths 2, 4, 3
+        -> cu_seqlens [0, 2, 6, 9], max_seqlen 4, indices [0, 1, 4, 5, 6, 7, 8, 9, 10]
+    """
+    if capacity is None:
+        return _ops.unpad(hidden_states, attention_mask, unused_mask)
+    hidden_unpad, indices, cu_seqlens, seqused = _ops.unpad_capacity(
+        hidden_states, attention_mask, unused_mask, capacity
+    )
+    return hidden_unpad, indices, cu_seqlens, hidden_states.shape[1], seqused
+
+
+def pad_input(hidden_states, indices, batch, seqlen):
+    """Restore padding: (N, *) rows scattered into zeros (B, S, *) at ``indices``.
+
+    Indices ``>= batch*seqlen`` (the capacity padding of ``unpad_input``) are ignored.
+    """
+    return _ops.pad(hidden_states, indices, batch, seqlen)
+
+
+def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
+    """Unpad rows that each hold several concatenated samples.
+
+    ``attention_mask_in_length`` (B, S) integer: row r lists the lengths of the samples packed
+    at the start of row r, then zeros, e.g. ``[[2, 3, 0, 0, 0, 0], [4, 1, 0, 0, 0, 0]]``.
+    Returns ``(hidden_unpad, indices, cu_seqlens, max_seqlen)`` with one sequence per sample:
+    for that example cu_seqlens ``[0, 2, 5, 9, 10]`` and max_seqlen 4.
+    """
+    return _ops.unpad_concat(hidden_states, attention_mask_in_length)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _window(causal: bool, window_size: Sequence[int]):
+    if len(window_size) != 2:
+        raise ValueError(f"window_size must be (left, right), got {window_size!r}")
+    left, right = (int(w) for w in window_size)
+    return left, (0 if causal else right)
+
+
+def new_rng_state(device) -> torch.Tensor:
+    """A fresh dropout ``rng_state`` = int64 [seed, offset] drawn from torch's generator."""
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
+
+
+def varlen_attention(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
+    softmax_scale: Optional[float] = None, causal: bool = False,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
+    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
+    cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
+):
+    """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
+
+    q (N_q, H, D), k (N_k, Hk, D), v (N_k, Hk, Dv); cu_seqlens_q / cu_seqlens_k int32 (B+1,);
+    out (N_q, H, Dv) in q's dtype; softmax_lse (H, N_q) float32, natural log (float64 for
+    float64 inputs). Query i of a sequence with Lq queries and Lk keys sees key j when::
+
+        causal:        j <= i + Lk - Lq                (bottom-right aligned)
+        window (l, r): i + Lk - Lq - l <= j <= i + Lk - Lq + r   (-1 = unbounded)
+
+        causal, Lq = 3, Lk = 5:    1 1 1 0 0
+                                   1 1 1 1 0
+                                   1 1 1 1 1
+
+    Scores are ``softmax_scale * q.k`` (default ``D**-0.5``), then ``softcap * tanh(s/softcap)``
+    when ``softcap > 0``, then ALiBi ``- slope[h] * |i + Lk - Lq - j|`` with ``alibi_slopes``
+    float32 (H,) or (B, H). A query that sees no key gives 0 and lse -inf. Query head h reads
+    kv head ``h // (H // Hk)``. ``cu_seqlens_*_padded`` (B+1,) give each sequence's physical
+    start when sequences carry trailing padding; rows outside every sequence give 0 / -inf.
+    ``dropout_p`` drops attention weights with the counter-based mask of ``_C/philox.h``,
+    keyed by ``rng_state`` = int64 [seed, offset] on q's device (drawn from torch's generator
+    when None). ``max_seqlen_*`` (int or SymInt) are sizing hints, never needed for
+    correctness. ``deterministic`` makes the backward bitwise reproducible.
+    """
+    window_left, window_right = _window(causal, window_size)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    if dropout_p > 0 and rng_state is None:
+        rng_state = new_rng_state(q.device)
+    return _ops.attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
+        window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q_padded,
+        cu_seqlens_k_padded, float(dropout_p), rng_state if dropout_p > 0 else None, deterministic,
+    )
+
+
+def flash_attn_varlen_func(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
+    cu_seqlens_k_padded=None, *, rng_state=None,
+):
+    """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
+
+    Returns ``out`` (N_q, H, Dv); ``(out, softmax_lse)`` with ``return_lse=True``;
+    ``(out, softmax_lse, attn_probs)`` with ``return_attn_probs=True``, where attn_probs is
+    the (B, H, max_seqlen_q, max_seqlen_k) weight matrix after masking and dropout (dropped
+    entries 0, kept ones scaled by 1/(1-p), so out = attn_probs @ v). attn_probs is computed
+    by the float64 reference for tests and debugging only: it is slow and syncs the host.
+    """
+    if dropout_p > 0 and rng_state is None:
+        rng_state = new_rng_state(q.device)
+    out, lse = varlen_attention(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+        alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
+        cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
+        deterministic=deterministic,
+    )
+    if return_attn_probs:
+        return out, lse, _attn_probs(
+            q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
+            alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
+            cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
+        )
+    return (out, lse) if return_lse else out
+
+
+def _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
+    from . import reference
+
+    with torch.no_grad():
+        _, _, probs = reference.attention(
+            q.double(), k.double(), v.double(), cu_seqlens_q, cu_seqlens_k, **kwargs
+        )
+    out = q.new_zeros((len(probs), q.shape[1], max_seqlen_q, max_seqlen_k), dtype=torch.float32)
+    for b, p in enumerate(probs):
+        out[b, :, : p.shape[1], : p.shape[2]] = p
+    return out
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    *args, **kwargs):
+    """As ``flash_attn_varlen_func`` with kv (N_k, 2, Hk, D) packed."""
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, *args, **kwargs)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *args, **kwargs):
+    """As ``flash_attn_varlen_func`` with qkv (N, 3, H, D) packed (self-attention)."""
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
+                                  max_seqlen, max_seqlen, *args, **kwargs)
