@@ -32,6 +32,7 @@ offset loaded in the kernel from the int64 rng_state tensor.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -704,15 +705,7 @@ class _Common:
 
 
 def _device(t):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullcontext()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _new(like_shape_fn, zero, *args, **kwargs):
