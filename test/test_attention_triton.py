@@ -252,6 +252,19 @@ def test_interp_dropout_matches_reference(poison):
 
 
 @interp_only
+def test_interp_dropout_same_as_cpu_kernel():
+    # Same seed and offset: the Triton kernel and the C++ CPU kernel drop the same weights.
+    rng = torch.tensor([(11 << 45) + 2024, (3 << 34) + 99], dtype=torch.int64)
+    for s in _long_samples("cpu", torch.float32):
+        do = torch.randn(s.q.shape[0], s.q.shape[1], s.v.shape[2], dtype=torch.float64)
+        dlse = torch.randn(s.q.shape[1], s.q.shape[0], dtype=torch.float64)
+        triton_out = _run_launchers(s, do, dlse, dropout_p=0.35, rng_state=rng)
+        cpu_out = _run_op(s, do, dlse, dropout_p=0.35, rng_state=rng)
+        for a, b in zip(triton_out, cpu_out):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+@interp_only
 def test_interp_rows_after_last_sequence(poison):
     # A capacity-style buffer: rows past cu_seqlens[-1] give out 0, lse -inf, zero grads.
     s = make_attention_sample([5, 9], [7, 3], 2, 2, 16, 16, "cpu", torch.float32, causal=True)
@@ -356,9 +369,18 @@ def test_gpu_dropout_mask_same_as_cpu():
         ref = reference.philox_keep(int(rng[0]), int(rng[1]), 5, torch.arange(77, 377)[:, None],
                                     torch.arange(257)[None, :], p)
         assert torch.equal(keep.cpu(), ref)
-    # and inside the attention kernel: fp32 result equals the reference with the same rng_state.
+    # and inside the attention kernel: fp32 result equals the reference with the same rng_state,
+    # and the CPU kernel's result on the same inputs.
     s = make_attention_sample([70, 33], [64, 90], 4, 2, 32, 32, "cuda", torch.float32, causal=True)
     _check(s, _run_op, dropout_p=0.4, rng_state=rng.cuda())
+    do = torch.randn(s.q.shape[0], 4, 32, dtype=torch.float64, device="cuda")
+    dlse = torch.randn(4, s.q.shape[0], dtype=torch.float64, device="cuda")
+    gpu = _run_op(s, do, dlse, dropout_p=0.4, rng_state=rng.cuda())
+    s_cpu = make_attention_sample([70, 33], [64, 90], 4, 2, 32, 32, "cpu", torch.float32, causal=True)
+    s_cpu.q, s_cpu.k, s_cpu.v = s.q.cpu(), s.k.cpu(), s.v.cpu()
+    cpu = _run_op(s_cpu, do.cpu(), dlse.cpu(), dropout_p=0.4, rng_state=rng)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=1e-4, atol=1e-5)
 
 
 @requires_cuda
