@@ -566,15 +566,15 @@ def _run_aoti(which, device, tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
 
 
-@requires_cuda
-def test_gpu_aoti_export_matches_eager(tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_aoti_export_matches_eager(device, tmp_path):
     """torch.export + AOTInductor package of a model calling the op, loaded in Python, equals
-    eager. Runs in a child process: a crash of AOTInductor's loader must not take pytest down.
+    eager (CUDA: the Triton kernels; CPU: the C++ kernel). Runs in a child process: a crash of AOTInductor's loader must not take pytest down.
     If it crashes, a control model without our op tells an environment problem (skip, with
     the reason) from one of ours (fail)."""
-    proc = _run_aoti("varlen", "cuda", tmp_path)
+    proc = _run_aoti("varlen", device, tmp_path)
     if proc.returncode < 0 or proc.returncode > 128:  # killed by a signal
-        control = _run_aoti("control", "cuda", tmp_path)
+        control = _run_aoti("control", device, tmp_path)
         if "aoti-ok" not in control.stdout:
             pytest.skip(f"AOTInductor crashes on this machine for a trivial model too (torch "
                         f"{torch.__version__}, exit {control.returncode}); not a torch_varlen bug")
