@@ -23,7 +23,8 @@ def fresh(shape, dtype, device):
     if dtype == torch.bool:
         return torch.rand(shape, device=device) > 0.5
     if not dtype.is_floating_point:
-        return torch.randint(-1000, 1000, shape, dtype=dtype, device=device)
+        info = torch.iinfo(dtype)
+        return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, dtype=dtype, device=device)
     return torch.randn(shape, dtype=torch.float64, device=device).to(dtype)
 
 
