@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import time
@@ -28,14 +29,18 @@ import torch_varlen
 HERE = Path(__file__).resolve().parent
 
 
-def cpu_name() -> str:
+def cpu_field(name: str) -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith(name):
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return ""
+
+
+def load_average() -> float:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else -1.0
 
 
 def median_ms(fns, repeats: int, warmup: int = 2):
@@ -117,6 +122,7 @@ def main():
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cpu.json")
     args = ap.parse_args()
 
+    load_before = load_average()
     rows = []
     header = f"{'dtype':9} {'pass':8} {'causal':6} {'tokens':>7} {'pad%':>5} {'packed ms':>10} {'padded ms':>10} {'speedup':>8}"
     print(header)
@@ -131,10 +137,13 @@ def main():
                       f"{100 * r['padding_fraction']:5.1f} {r['packed_ms']:10.2f} {r['padded_sdpa_ms']:10.2f} "
                       f"{r['speedup']:7.2f}x", flush=True)
     meta = {
-        "cpu": cpu_name(),
+        "cpu": cpu_field("model name") or platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_bf16": "amx_bf16" in cpu_field("flags").split(),
+        # other processes share the machine: the 1-minute load average before and after
+        "load_average": [load_before, load_average()],
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "peer": "torch.nn.functional.scaled_dot_product_attention on the padded (B, H, S, D) batch, boolean mask",
     }

@@ -309,10 +309,14 @@ Isa pick_isa() {
   return Isa::kBase;
 }
 
+Isa isa() {
+  static const Isa chosen = pick_isa();  // once per process
+  return chosen;
+}
+
 template <typename scalar_t, typename acc_t>
 KernelSet<scalar_t, acc_t> kernels() {
-  static const Isa isa = pick_isa();
-  switch (isa) {
+  switch (isa()) {
 #ifdef VARLEN_X86_VARIANTS
     case Isa::kAmx: return VARLEN_KERNEL_SET(amx, true);
     case Isa::kAvx512: return VARLEN_KERNEL_SET(avx512, false);
