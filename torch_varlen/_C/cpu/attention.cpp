@@ -13,6 +13,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -326,13 +328,21 @@ KernelSet<scalar_t, acc_t> kernels() {
   }
 }
 
-// Runs items [0, n) in parallel; each task gets its own zeroed scratch of `scratch` acc_t.
+// Runs items [0, n) on at::parallel_for's threads, each with its own zeroed scratch of
+// `scratch` acc_t. Items differ in cost (sequence lengths, causal bands), so the threads pull
+// chunks of items from a shared counter instead of splitting the list in equal parts; every
+// item is computed the same way whichever thread takes it, so results stay bitwise the same.
 template <typename acc_t, typename F>
 void run_items(int64_t n, int64_t scratch, const F& fn) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (threads * 16));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::unique_ptr<void, void (*)(void*)> buf(c10::alloc_cpu(sizeof(acc_t) * scratch), c10::free_cpu);
     std::memset(buf.get(), 0, sizeof(acc_t) * scratch);
-    fn(begin, end, static_cast<acc_t*>(buf.get()));
+    for (int64_t begin = next.fetch_add(chunk); begin < n; begin = next.fetch_add(chunk))
+      fn(begin, std::min(begin + chunk, n), static_cast<acc_t*>(buf.get()));
   });
 }
 
