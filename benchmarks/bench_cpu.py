@@ -5,7 +5,8 @@ Both run on the same batch: sequences whose lengths leave about half of a padded
 torch.nn.functional.scaled_dot_product_attention on (B, H, S, D) with a boolean mask
 (key padding, and causal when causal); it computes on the padding too, the packed op
 does not. Forward and forward+backward, bf16 and fp32, 12 heads of dim 64; medians over
-repeats. Writes benchmarks/results/cpu.json and prints a table.
+repeats, at torch's thread count and at 1 thread. Writes benchmarks/results/cpu.json and
+prints a table.
 
     PYTHONPATH=. python benchmarks/bench_cpu.py [--batch 8] [--max-seqlen 512] [--repeats 7]
 """
@@ -119,26 +120,35 @@ def main():
     ap.add_argument("--nheads", type=int, default=12)
     ap.add_argument("--headdim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", default=f"{torch.get_num_threads()},1",
+                    help="comma-separated thread counts (default: torch's, then 1; one thread is "
+                         "less sensitive to other jobs on a shared machine)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "cpu.json")
     args = ap.parse_args()
 
     load_before = load_average()
     rows = []
-    header = f"{'dtype':9} {'pass':8} {'causal':6} {'tokens':>7} {'pad%':>5} {'packed ms':>10} {'padded ms':>10} {'speedup':>8}"
+    header = (f"{'threads':7} {'dtype':9} {'pass':8} {'causal':6} {'tokens':>7} {'pad%':>5} {'packed ms':>10} "
+              f"{'padded ms':>10} {'speedup':>8}")
     print(header)
     print("-" * len(header))
-    for dtype in (torch.bfloat16, torch.float32):
-        for backward in (False, True):
-            for causal in (False, True):
-                r = bench_case(args.batch, args.max_seqlen, args.nheads, args.headdim, dtype, causal, backward,
-                               args.repeats)
-                rows.append(r)
-                print(f"{r['dtype']:9} {r['pass']:8} {str(r['causal']):6} {r['tokens']:7d} "
-                      f"{100 * r['padding_fraction']:5.1f} {r['packed_ms']:10.2f} {r['padded_sdpa_ms']:10.2f} "
-                      f"{r['speedup']:7.2f}x", flush=True)
+    default_threads = torch.get_num_threads()
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for dtype in (torch.bfloat16, torch.float32):
+            for backward in (False, True):
+                for causal in (False, True):
+                    r = bench_case(args.batch, args.max_seqlen, args.nheads, args.headdim, dtype, causal, backward,
+                                   args.repeats)
+                    r = {"threads": threads, **r}
+                    rows.append(r)
+                    print(f"{threads:7d} {r['dtype']:9} {r['pass']:8} {str(r['causal']):6} {r['tokens']:7d} "
+                          f"{100 * r['padding_fraction']:5.1f} {r['packed_ms']:10.2f} {r['padded_sdpa_ms']:10.2f} "
+                          f"{r['speedup']:7.2f}x", flush=True)
+    torch.set_num_threads(default_threads)
     meta = {
         "cpu": cpu_field("model name") or platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        "threads": default_threads,
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx_bf16": "amx_bf16" in cpu_field("flags").split(),
