@@ -25,7 +25,8 @@
 //    VARLEN_VEC_BYTES (vector width), VARLEN_GEMM_MR (rows) and VARLEN_GEMM_NV (vectors per
 //    row) of the GEMM register tile defined by the includer, which also sets the target
 //    (attention.cpp: #pragma GCC target). Each ISA gets its own namespace, so no inline
-//    function is compiled for two targets under one name.
+//    function is compiled for two targets under one name. With VARLEN_AMX also defined (an
+//    x86 AVX-512 + AMX build), the bfloat16 forward multiplies on AMX tiles.
 
 #ifndef VARLEN_ATTENTION_KERNEL_COMMON
 #define VARLEN_ATTENTION_KERNEL_COMMON
@@ -688,8 +689,9 @@ void delta_rows(const Params<scalar_t, acc_t>& p, const acc_t* grad_lse, int64_t
     }
 }
 
-// lse and delta of rows [row0, row0 + rows) of head h into lse/dl [BM]; rows past `rows`
-// and rows that see no key get lse 0 (their scores are all -inf, so P = 0) and delta 0.
+// lse and delta of rows [row0, row0 + rows) of head h into lse/dl [BM]. Rows that see no
+// key (lse -inf) and rows past `rows` get lse 0: all their scores are -inf, so P = 0 and
+// dS = 0 (never -inf - -inf); rows past `rows` also get delta 0.
 template <typename scalar_t, typename acc_t>
 void load_row_stats(const Params<scalar_t, acc_t>& p, int64_t h, int64_t row0, int64_t rows,
                     acc_t* lse, acc_t* dl) {
@@ -701,8 +703,8 @@ void load_row_stats(const Params<scalar_t, acc_t>& p, int64_t h, int64_t row0, i
   }
 }
 
-// dK, dV for (b, hk, key block) items. Tiles are
-// queries x keys: S = Qs Kt, dP = dO Vt; dV += P^T dO and dK += dS^T Qs read P, dS transposed.
+// dK, dV for (b, hk, key block) items. Tiles are queries x keys: S = Qs Kt, dP = dO Vt;
+// dV += P^T dO and dK += dS^T Qs read P, dS transposed.
 template <typename scalar_t, typename acc_t>
 void backward_dkdv_items(const Params<scalar_t, acc_t>& p, const Block* blocks, int64_t begin,
                          int64_t end, acc_t* scratch) {
