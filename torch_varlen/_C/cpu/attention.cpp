@@ -1,9 +1,11 @@
 // CPU kernels of varlen::attention_forward / varlen::attention_backward (schemas in ../ops.cpp).
 // The math lives in attention_kernel.h (torch-free); this file checks arguments, allocates
 // outputs, builds the work lists and runs them with at::parallel_for. The kernel header is
-// compiled once per x86 instruction set (AVX-512, AVX2, baseline) in its own namespace and
-// the variant is picked at run time from at::get_cpu_capability(), which honours
-// ATEN_CPU_CAPABILITY (e.g. ATEN_CPU_CAPABILITY=default forces the baseline build).
+// compiled once per x86 instruction set (AVX-512 with AMX for the bfloat16 forward,
+// AVX-512, AVX2, baseline) in its own namespace and the variant is picked at run time: the
+// best one the CPU (and OS) offers, capped by at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY (e.g. ATEN_CPU_CAPABILITY=default forces the baseline build);
+// TORCH_VARLEN_CPU_NO_AMX=1 skips the AMX variant.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -11,6 +13,8 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
@@ -21,8 +25,32 @@
 
 #include "cpu/attention_kernel.h"
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define VARLEN_X86_VARIANTS 1
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2,amx-tile,amx-bf16")
+#define VARLEN_ISA_NS amx
+#define VARLEN_VEC_BYTES 64
+#define VARLEN_GEMM_MR 4
+#define VARLEN_GEMM_NV 4
+#define VARLEN_AMX 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in GCC 12's avx512fintrin.h
+#include "cpu/attention_kernel.h"
+#pragma GCC diagnostic pop
+#undef VARLEN_ISA_NS
+#undef VARLEN_VEC_BYTES
+#undef VARLEN_GEMM_MR
+#undef VARLEN_GEMM_NV
+#undef VARLEN_AMX
+#pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
@@ -225,13 +253,14 @@ std::vector<std::pair<int64_t, int64_t>> gaps(const SeqLayout& lay, int64_t tota
   return out;
 }
 
-// Blocks of `block` rows of every sequence with lengths from cu.
-std::vector<Block> make_blocks(const Tensor& cu_t, int64_t block) {
+// Work items: blocks of `block` rows of every sequence (lengths from cu) and head.
+std::vector<Block> make_blocks(const Tensor& cu_t, int64_t nheads, int64_t block) {
   const int32_t* cu = cu_t.data_ptr<int32_t>();
   std::vector<Block> blocks;
   for (int64_t b = 0; b + 1 < cu_t.size(0); ++b)
-    for (int64_t s = 0; s < int64_t(cu[b + 1]) - cu[b]; s += block)
-      blocks.push_back({int32_t(b), int32_t(s)});
+    for (int64_t h = 0; h < nheads; ++h)
+      for (int64_t s = 0; s < int64_t(cu[b + 1]) - cu[b]; s += block)
+        blocks.push_back({int32_t(b), int32_t(h), int32_t(s)});
   return blocks;
 }
 
@@ -247,31 +276,73 @@ struct KernelSet {
   using Items = void (*)(const Params<scalar_t, acc_t>&, const Block*, int64_t, int64_t, acc_t*);
   Items forward, dkdv, dq;
   void (*delta)(const Params<scalar_t, acc_t>&, const acc_t*, int64_t, int64_t, acc_t*, int64_t, int64_t);
+  bool amx_bf16;  // the bfloat16 forward may use AMX tiles
 };
 
-#define VARLEN_KERNEL_SET(ns)                                                              \
+#define VARLEN_KERNEL_SET(ns, amx_bf16)                                                    \
   KernelSet<scalar_t, acc_t> {                                                            \
     ns::forward_items<scalar_t, acc_t>, ns::backward_dkdv_items<scalar_t, acc_t>,         \
-        ns::backward_dq_items<scalar_t, acc_t>, ns::delta_rows<scalar_t, acc_t>           \
+        ns::backward_dq_items<scalar_t, acc_t>, ns::delta_rows<scalar_t, acc_t>, amx_bf16 \
   }
+
+enum class Isa { kBase, kAvx2, kAvx512, kAmx };
+
+// AMX needs the CPU's AMX-TILE and AMX-BF16 and the kernel's permission to use tile data.
+bool amx_usable() {
+#if defined(VARLEN_X86_VARIANTS) && defined(__linux__)
+  const char* off = std::getenv("TORCH_VARLEN_CPU_NO_AMX");
+  if (off && off[0] && off[0] != '0') return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  if (!((d >> 22) & 1) || !((d >> 24) & 1)) return false;  // AMX-BF16, AMX-TILE
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+Isa pick_isa() {
+#ifdef VARLEN_X86_VARIANTS
+  const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
+  if (cap == "AVX512") return amx_usable() ? Isa::kAmx : Isa::kAvx512;
+  if (cap == "AVX2") return Isa::kAvx2;
+#endif
+  return Isa::kBase;
+}
+
+Isa isa() {
+  static const Isa chosen = pick_isa();  // once per process
+  return chosen;
+}
 
 template <typename scalar_t, typename acc_t>
 KernelSet<scalar_t, acc_t> kernels() {
+  switch (isa()) {
 #ifdef VARLEN_X86_VARIANTS
-  static const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
-  if (cap == "AVX512") return VARLEN_KERNEL_SET(avx512);
-  if (cap == "AVX2") return VARLEN_KERNEL_SET(avx2);
+    case Isa::kAmx: return VARLEN_KERNEL_SET(amx, true);
+    case Isa::kAvx512: return VARLEN_KERNEL_SET(avx512, false);
+    case Isa::kAvx2: return VARLEN_KERNEL_SET(avx2, false);
 #endif
-  return VARLEN_KERNEL_SET(base);
+    default: return VARLEN_KERNEL_SET(base, false);
+  }
 }
 
-// Runs items [0, n) in parallel; each task gets its own zeroed scratch of `scratch` acc_t.
+// Runs items [0, n) on at::parallel_for's threads, each with its own zeroed scratch of
+// `scratch` acc_t. Items differ in cost (sequence lengths, causal bands), so the threads pull
+// chunks of items from a shared counter instead of splitting the list in equal parts; every
+// item is computed the same way whichever thread takes it, so results stay bitwise the same.
 template <typename acc_t, typename F>
 void run_items(int64_t n, int64_t scratch, const F& fn) {
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  if (n == 0) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t chunk = std::max<int64_t>(1, n / (threads * 16));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::unique_ptr<void, void (*)(void*)> buf(c10::alloc_cpu(sizeof(acc_t) * scratch), c10::free_cpu);
     std::memset(buf.get(), 0, sizeof(acc_t) * scratch);
-    fn(begin, end, static_cast<acc_t*>(buf.get()));
+    for (int64_t begin = next.fetch_add(chunk); begin < n; begin = next.fetch_add(chunk))
+      fn(begin, std::min(begin + chunk, n), static_cast<acc_t*>(buf.get()));
   });
 }
 
@@ -359,7 +430,7 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     out.narrow(0, a, b - a).zero_();
     lse.narrow(1, a, b - a).fill_(-std::numeric_limits<double>::infinity());
   }
-  const std::vector<Block> blocks = make_blocks(pr.lq.cu, kBlockM);
+  const std::vector<Block> blocks = make_blocks(pr.lq.cu, H, kBlockM);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto p = make_params<scalar_t, acc_t>(q, k, v, pr.lq, pr.lk, softmax_scale, window_left,
@@ -367,7 +438,8 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     p.out = out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<acc_t>();
     const auto ks = kernels<scalar_t, acc_t>();
-    run_items<acc_t>(int64_t(blocks.size()) * H, forward_scratch(p.headdim, p.headdim_v),
+    p.amx_bf16 = ks.amx_bf16 && q.scalar_type() == at::kBFloat16;
+    run_items<acc_t>(int64_t(blocks.size()), forward_scratch(p.headdim, p.headdim_v),
                      [&](int64_t b, int64_t e, acc_t* s) { ks.forward(p, blocks.data(), b, e, s); });
   });
   return {out, lse};
@@ -413,8 +485,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     dv.narrow(0, a, b - a).zero_();
   }
   Tensor delta = at::empty({H, total_q}, lse.options());
-  const std::vector<Block> qblocks = make_blocks(pr.lq.cu, kBlockM);
-  const std::vector<Block> kblocks = make_blocks(pr.lk.cu, kBlockN);
+  const std::vector<Block> qblocks = make_blocks(pr.lq.cu, H, kBlockM);
+  const std::vector<Block> kblocks = make_blocks(pr.lk.cu, k.size(1), kBlockN);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto p = make_params<scalar_t, acc_t>(q, k, v, pr.lq, pr.lk, softmax_scale, window_left,
@@ -436,9 +508,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     at::parallel_for(0, total_q, 256, [&](int64_t b, int64_t e) {
       ks.delta(p, glse_ptr, g0, g1, delta_ptr, b, e);
     });
-    run_items<acc_t>(int64_t(kblocks.size()) * p.nheads_k, backward_dkdv_scratch(p.headdim, p.headdim_v),
+    run_items<acc_t>(int64_t(kblocks.size()), backward_dkdv_scratch(p.headdim, p.headdim_v),
                      [&](int64_t b, int64_t e, acc_t* s) { ks.dkdv(p, kblocks.data(), b, e, s); });
-    run_items<acc_t>(int64_t(qblocks.size()) * H, backward_dq_scratch(p.headdim, p.headdim_v),
+    run_items<acc_t>(int64_t(qblocks.size()), backward_dq_scratch(p.headdim, p.headdim_v),
                      [&](int64_t b, int64_t e, acc_t* s) { ks.dq(p, qblocks.data(), b, e, s); });
   });
   return {dq, dk, dv};
