@@ -32,12 +32,16 @@ demo: install
 test: install test-cpp
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The C++ user's path: CMakeLists.txt builds the library and an example that calls an op
-# through the dispatcher, with no Python.
-test-cpp: install
-	cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" -DCMAKE_BUILD_TYPE=Release > build/cpp.log 2>&1 || (mkdir -p build && cmake -S . -B build/cpp -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')")
-	cmake --build build/cpp -j 2
-	./build/cpp/varlen_cpp_example ./build/cpp/libtorch_varlen.so
+# The C++ user's path, no Python at run time: CMakeLists.txt builds the operator library and
+# examples/cpp/call_op.cpp, which loads it and calls ops through the dispatcher. Only torch's
+# CMake files come from the venv.
+CPP_BUILD ?= build/cpp
+JOBS ?= 2
+test-cpp: $(VENV)/.installed
+	cmake -S . -B $(CPP_BUILD) -DCMAKE_BUILD_TYPE=Release \
+	  -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build $(CPP_BUILD) -j $(JOBS)
+	$(CPP_BUILD)/varlen_cpp_example $(CPP_BUILD)/libtorch_varlen.so
 
 clean:
 	rm -rf build $(VENV) torch_varlen/_C/_kernels*.so *.egg-info

@@ -27,12 +27,11 @@ class CMakeBuild(build_ext):
         with_cuda = torch.version.cuda is not None and shutil.which(
             os.environ.get("CUDACXX", "nvcc")
         ) is not None
+        args = []
         if torch.version.hip is not None:
-            raise RuntimeError(
-                "ROCm: hipify torch_varlen/_C/cuda with torch.utils.hipify and add it to "
-                "CMakeLists.txt's HIP sources; not yet wired (see README 'Supported')."
-            )
-        args = [
+            args.append(f"-DTORCH_VARLEN_HIP_DIR={self._hipify(build_dir)}")
+            with_cuda = False
+        args += [
             f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={target.parent}",
@@ -46,6 +45,20 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args])
         subprocess.check_call(["cmake", "--build", str(build_dir), "-j", jobs])
+
+    @staticmethod
+    def _hipify(build_dir: Path) -> Path:
+        """ROCm: translate _C/cuda/*.cu(h) to HIP with torch's hipify (no hand edits)."""
+        from torch.utils.hipify import hipify_python
+
+        out = build_dir / "hip"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(ROOT / "torch_varlen" / "_C", out)
+        hipify_python.hipify(
+            project_directory=str(out), output_directory=str(out), includes=[str(out / "cuda" / "*")],
+            is_pytorch_extension=True, show_detailed=False,
+        )
+        return out
 
 
 setup(

@@ -81,6 +81,10 @@ def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_leng
 # ---------------------------------------------------------------- attention
 
 
+# Float parameters default to the int 0, not 0.0: under torch.compile(dynamic=True) Dynamo
+# turns a float default into a graph input read back with .item(), while ints stay constants.
+
+
 def _window(causal: bool, window_size: Sequence[int]):
     if len(window_size) != 2:
         raise ValueError(f"window_size must be (left, right), got {window_size!r}")
@@ -96,8 +100,8 @@ def new_rng_state(device) -> torch.Tensor:
 def varlen_attention(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *,
     softmax_scale: Optional[float] = None, causal: bool = False,
-    window_size: Sequence[int] = (-1, -1), softcap: float = 0.0, alibi_slopes=None,
-    dropout_p: float = 0.0, rng_state: Optional[torch.Tensor] = None,
+    window_size: Sequence[int] = (-1, -1), softcap: float = 0, alibi_slopes=None,
+    dropout_p: float = 0, rng_state: Optional[torch.Tensor] = None,
     cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
 ):
     """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
@@ -136,8 +140,8 @@ def varlen_attention(
 
 
 def flash_attn_varlen_func(
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0,
+    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0, alibi_slopes=None,
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
     cu_seqlens_k_padded=None, *, rng_state=None,
 ):

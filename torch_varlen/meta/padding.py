@@ -64,14 +64,16 @@ def _unpad_concat_fake(hidden_states, attention_mask_in_length):
     ctx = torch.library.get_ctx()
     nnz = ctx.new_dynamic_size()
     torch._check(nnz <= batch * seqlen)
-    nseq = ctx.new_dynamic_size()
-    torch._check(nseq <= batch * seqlen)
+    # cu_seqlens has (number of samples + 1) entries; that count is the unbacked size itself
+    # (a size like u + 1 would leave u unbound in the output and fail aot_dispatch).
+    num_cu = ctx.new_dynamic_size(min=1)
+    torch._check(num_cu <= batch * seqlen + 1)
     max_seqlen = ctx.new_dynamic_size()
     torch._check(max_seqlen <= seqlen)
     return (
         hidden_states.new_empty((nnz, *rest)),
         hidden_states.new_empty((nnz,), dtype=torch.int64),
-        hidden_states.new_empty((nseq + 1,), dtype=torch.int32),
+        hidden_states.new_empty((num_cu,), dtype=torch.int32),
         max_seqlen,
     )
 
