@@ -69,6 +69,14 @@ def read_corpus(path: Path, limit):
     return sentences[:limit] if limit else sentences
 
 
+def cpu_name():
+    try:
+        models = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+    except OSError:
+        models = []
+    return f"{models[0] if models else platform.machine()}, {torch.get_num_threads()} threads"
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -90,15 +98,40 @@ def make_batches(token_ids, order, batch_size, device):
     return batches, padded
 
 
-def embed(model, batches, desc, progress):
+def embed(model, batches, desc=None, progress=None):
     """Mean-pooled, L2-normalised sentence embeddings (sentence-transformers' recipe), in batch order."""
     out = []
-    for ids, mask in progress(batches, desc=desc, leave=False):
+    for ids, mask in progress(batches, desc=desc, leave=False) if progress else batches:
         hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         out.append(torch.nn.functional.normalize(pooled.float(), dim=-1))
     return torch.cat(out)
+
+
+def time_interleaved(methods, num_batches, runs, device, progress, chunk=8):
+    """Seconds per method (best of ``runs`` passes) and each method's embeddings.
+
+    The methods take turns, a chunk of batches each, in an order that rotates, so that a change
+    in the machine's load (other work on a shared CPU, GPU clocks) falls on all of them alike.
+    """
+    best = {name: float("inf") for name, *_ in methods}
+    embeddings = {}
+    for run in range(runs):
+        spent = dict.fromkeys(best, 0.0)
+        pieces = {name: [] for name in best}
+        starts = range(0, num_batches, chunk)
+        for turn, first in enumerate(progress(starts, desc=f"pass {run + 1}/{runs}, all methods in turn", leave=False)):
+            for name, model, batches, *_ in methods[turn % len(methods):] + methods[: turn % len(methods)]:
+                sync(device)
+                start = time.perf_counter()
+                pieces[name].append(embed(model, batches[first : first + chunk]))
+                sync(device)
+                spent[name] += time.perf_counter() - start
+        for name in best:
+            best[name] = min(best[name], spent[name])
+            embeddings[name] = torch.cat(pieces[name])
+    return best, embeddings
 
 
 def main(argv=None):
@@ -116,7 +149,7 @@ def main(argv=None):
     on_gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("float16" if on_gpu else "float32")]
     limit = args.limit if args.limit is not None else (None if on_gpu else 2000)
-    device_name = torch.cuda.get_device_name(device) if on_gpu else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    device_name = torch.cuda.get_device_name(device) if on_gpu else cpu_name()
 
     sentences = read_corpus(args.corpus, limit)
     path = args.model or minilm_path()
@@ -151,27 +184,21 @@ def main(argv=None):
         methods.append((compiled_name, compiled, corpus_batches, real_tokens, None))
     compile_s = None
 
-    results, embeddings = [], {}
     with torch.inference_mode():
-        for name, model, batches, computed, reorder in methods:
-            # Warm-up, untimed; compiles the compiled method (after the eager ones are timed: a
-            # finished compilation can leave the CPU busier for a while), short last batch included.
+        for name, model, batches, *_ in methods:  # untimed warm-up; the compiled method compiles here
             start = time.perf_counter()
-            embed(model, batches[:2] + batches[-1:], f"warm-up {name}", tqdm)
+            embed(model, batches[:2] + batches[-1:], f"warm-up {name}", tqdm)  # the short last batch too
             sync(device)
             if name == compiled_name:
                 compile_s = time.perf_counter() - start
-            best = float("inf")
-            for run in range(args.runs):
-                sync(device)
-                start = time.perf_counter()
-                emb = embed(model, batches, f"{name} [{run + 1}/{args.runs}]", tqdm)
-                sync(device)
-                best = min(best, time.perf_counter() - start)
-            embeddings[name] = emb[reorder] if reorder is not None else emb
-            results.append({"method": name, "seconds": best, "sentences_per_s": len(sentences) / best,
-                            "tokens_per_s": real_tokens / best, "positions_computed": computed,
-                            "padding_removed": (corpus_padded - computed) / max(corpus_padded - real_tokens, 1)})
+        seconds, embeddings = time_interleaved(methods, len(corpus_batches), args.runs, device, tqdm)
+    results = []
+    for name, _, _, computed, reorder in methods:
+        if reorder is not None:
+            embeddings[name] = embeddings[name][reorder]
+        results.append({"method": name, "seconds": seconds[name], "sentences_per_s": len(sentences) / seconds[name],
+                        "tokens_per_s": real_tokens / seconds[name], "positions_computed": computed,
+                        "padding_removed": (corpus_padded - computed) / max(corpus_padded - real_tokens, 1)})
     base = results[0]["sentences_per_s"]
     for r in results:
         r["speedup"] = r["sentences_per_s"] / base
