@@ -1,0 +1,454 @@
+// CPU kernels of varlen::attention_forward / varlen::attention_backward (schemas in ../ops.cpp).
+// The math lives in attention_kernel.h (torch-free); this file checks arguments, allocates
+// outputs, builds the work lists and runs them with at::parallel_for. The kernel header is
+// compiled once per x86 instruction set (AVX-512, AVX2, baseline) in its own namespace and
+// the variant is picked at run time from at::get_cpu_capability(), which honours
+// ATEN_CPU_CAPABILITY (e.g. ATEN_CPU_CAPABILITY=default forces the baseline build).
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <c10/core/impl/alloc_cpu.h>
+#include <torch/library.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cpu/attention_kernel.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VARLEN_X86_VARIANTS 1
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi2")
+#define VARLEN_ISA_NS avx512
+#define VARLEN_VEC_BYTES 64
+#define VARLEN_GEMM_MR 4
+#define VARLEN_GEMM_NV 4
+#include "cpu/attention_kernel.h"
+#undef VARLEN_ISA_NS
+#undef VARLEN_VEC_BYTES
+#undef VARLEN_GEMM_MR
+#undef VARLEN_GEMM_NV
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#define VARLEN_ISA_NS avx2
+#define VARLEN_VEC_BYTES 32
+#define VARLEN_GEMM_MR 4
+#define VARLEN_GEMM_NV 2
+#include "cpu/attention_kernel.h"
+#undef VARLEN_ISA_NS
+#undef VARLEN_VEC_BYTES
+#undef VARLEN_GEMM_MR
+#undef VARLEN_GEMM_NV
+#pragma GCC pop_options
+#endif
+
+#define VARLEN_ISA_NS base
+#define VARLEN_VEC_BYTES 16
+#define VARLEN_GEMM_MR 4
+#define VARLEN_GEMM_NV 2
+#include "cpu/attention_kernel.h"
+#undef VARLEN_ISA_NS
+#undef VARLEN_VEC_BYTES
+#undef VARLEN_GEMM_MR
+#undef VARLEN_GEMM_NV
+
+namespace varlen {
+namespace attn {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// ------------------------------------------------------------------ messages as Python prints
+
+std::string py_tuple(at::IntArrayRef shape) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < shape.size(); ++i) os << (i ? ", " : "") << shape[i];
+  os << (shape.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// Python's repr of a float: the shortest round-tripping digits, with ".0" for integers.
+std::string py_float(double x) {
+  char buf[40];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof buf, "%.*g", prec, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string s(buf);
+  if (s.find_first_of(".eEn") == std::string::npos) s += ".0";
+  return s;
+}
+
+// ------------------------------------------------------------------ argument checks
+
+// The checks of meta/attention.py::check_attention_shapes, with the same messages.
+void check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                  const Tensor& cu_k, const OptTensor& alibi, const OptTensor& cu_q_pad,
+                  const OptTensor& cu_k_pad, int64_t left, int64_t right, double softcap,
+                  double dropout_p, const OptTensor& rng_state) {
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->dim() == 3, name, " must be (total, nheads, headdim), got shape ", py_tuple(t->sizes()));
+    const auto dt = t->scalar_type();
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
+                name, " must be float16, bfloat16, float32 or float64, got ", py_dtype(dt));
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "q, k and v must share a dtype, got ", py_dtype(q.scalar_type()), ", ",
+              py_dtype(k.scalar_type()), ", ", py_dtype(v.scalar_type()));
+  TORCH_CHECK(k.device() == q.device() && v.device() == q.device(),
+              "q, k and v must be on one device, got ", q.device(), ", ", k.device(), ", ", v.device());
+  TORCH_CHECK(k.size(2) == q.size(2), "q and k must have the same head dim, got ", q.size(2),
+              " and ", k.size(2));
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1),
+              "v must be (total_k, nheads_k, headdim_v) with k's first two dims ",
+              py_tuple(k.sizes().slice(0, 2)), ", got ", py_tuple(v.sizes()));
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "nheads (", q.size(1),
+              ") must be divisible by nheads_k (", k.size(1), ")");
+  const int64_t batch = cu_q.dim() == 1 ? cu_q.size(0) - 1 : -1;
+  const std::pair<const char*, const Tensor*> cus[] = {
+      {"cu_seqlens_q", &cu_q},
+      {"cu_seqlens_k", &cu_k},
+      {"cu_seqlens_q_padded", cu_q_pad ? &*cu_q_pad : nullptr},
+      {"cu_seqlens_k_padded", cu_k_pad ? &*cu_k_pad : nullptr}};
+  for (auto [name, t] : cus) {
+    if (!t) continue;
+    TORCH_CHECK(t->scalar_type() == at::kInt, name, " must be int32, got ", py_dtype(t->scalar_type()));
+    TORCH_CHECK(t->dim() == 1 && t->size(0) >= 1, name, " must be 1-D of shape (batch+1,), got ",
+                py_tuple(t->sizes()));
+    TORCH_CHECK(t->size(0) == batch + 1, name, " must have batch+1 = ", batch + 1,
+                " entries like cu_seqlens_q, got ", t->size(0));
+    TORCH_CHECK(t->device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t->device());
+  }
+  if (alibi) {
+    TORCH_CHECK(alibi->scalar_type() == at::kFloat, "alibi_slopes must be float32, got ",
+                py_dtype(alibi->scalar_type()));
+    const bool per_head = alibi->dim() == 1 && alibi->size(0) == q.size(1);
+    const bool per_batch = alibi->dim() == 2 && alibi->size(0) == batch && alibi->size(1) == q.size(1);
+    TORCH_CHECK(per_head || per_batch, "alibi_slopes must be (nheads,) = (", q.size(1),
+                ",) or (batch, nheads) = (", batch, ", ", q.size(1), "), got ", py_tuple(alibi->sizes()));
+    TORCH_CHECK(alibi->device() == q.device(), "alibi_slopes must be on q's device ", q.device(),
+                ", got ", alibi->device());
+  }
+  TORCH_CHECK(left >= -1 && right >= -1,
+              "window_size entries must be >= -1 (-1 = unbounded), got (", left, ", ", right, ")");
+  TORCH_CHECK(softcap >= 0, "softcap must be >= 0 (0 = off), got ", py_float(softcap));
+  TORCH_CHECK(0 <= dropout_p && dropout_p < 1, "dropout_p must be in [0, 1), got ", py_float(dropout_p));
+  if (dropout_p > 0) {
+    TORCH_CHECK(rng_state.has_value(), "rng_state ([seed, offset] int64) is required when dropout_p > 0");
+    TORCH_CHECK(rng_state->scalar_type() == at::kLong && rng_state->dim() == 1 && rng_state->size(0) == 2,
+                "rng_state must be int64 of shape (2,), got ", py_dtype(rng_state->scalar_type()), " ",
+                py_tuple(rng_state->sizes()));
+    TORCH_CHECK(rng_state->device() == q.device(), "rng_state must be on q's device ", q.device(),
+                ", got ", rng_state->device());
+  }
+}
+
+// cu_seqlens values (the fakes cannot read them): starts at 0, non-decreasing, inside the
+// buffer; with a padded layout every physical sequence lies inside the buffer, after the
+// previous one. Returns the contiguous logical and physical-start arrays.
+struct SeqLayout {
+  Tensor cu;     // logical cu_seqlens, contiguous
+  Tensor start;  // physical starts, contiguous (== cu without padding)
+};
+
+SeqLayout check_cu_values(const char* name, const Tensor& cu_in, const OptTensor& padded_in,
+                          const char* tensor_name, int64_t total) {
+  SeqLayout lay;
+  lay.cu = cu_in.contiguous();
+  const int32_t* cu = lay.cu.data_ptr<int32_t>();
+  const int64_t n = lay.cu.size(0);
+  TORCH_CHECK(cu[0] == 0, name, " must start at 0, got ", cu[0]);
+  for (int64_t i = 1; i < n; ++i)
+    TORCH_CHECK(cu[i] >= cu[i - 1], name, " must be non-decreasing, got ", cu[i - 1], " then ",
+                cu[i], " at index ", i);
+  if (!padded_in) {
+    TORCH_CHECK(cu[n - 1] <= total, name, "[-1] must be <= ", tensor_name, ".shape[0] = ", total,
+                " (the rows of ", tensor_name, "), got ", cu[n - 1]);
+    lay.start = lay.cu;
+    return lay;
+  }
+  lay.start = padded_in->contiguous();
+  const int32_t* st = lay.start.data_ptr<int32_t>();
+  int64_t prev_end = 0;
+  for (int64_t b = 0; b + 1 < n; ++b) {
+    const int64_t len = int64_t(cu[b + 1]) - cu[b];
+    TORCH_CHECK(st[b] >= prev_end, name, "_padded[", b, "] = ", st[b],
+                " must be >= 0 and >= the end of the previous sequence (", prev_end,
+                "): sequences must be in order and must not overlap");
+    TORCH_CHECK(st[b] + len <= total, name, "_padded: sequence ", b, " occupies rows [", st[b], ", ",
+                st[b] + len, ") beyond ", tensor_name, ".shape[0] = ", total);
+    if (len > 0) prev_end = st[b] + len;
+  }
+  return lay;
+}
+
+// Rows of a buffer of `total` rows that belong to no sequence, as [begin, end) intervals.
+std::vector<std::pair<int64_t, int64_t>> gaps(const SeqLayout& lay, int64_t total) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  const int32_t* cu = lay.cu.data_ptr<int32_t>();
+  const int32_t* st = lay.start.data_ptr<int32_t>();
+  int64_t pos = 0;
+  for (int64_t b = 0; b + 1 < lay.cu.size(0); ++b) {
+    const int64_t len = int64_t(cu[b + 1]) - cu[b];
+    if (len == 0) continue;
+    if (st[b] > pos) out.emplace_back(pos, st[b]);
+    pos = st[b] + len;
+  }
+  if (pos < total) out.emplace_back(pos, total);
+  return out;
+}
+
+// Blocks of `block` rows of every sequence with lengths from cu.
+std::vector<Block> make_blocks(const Tensor& cu_t, int64_t block) {
+  const int32_t* cu = cu_t.data_ptr<int32_t>();
+  std::vector<Block> blocks;
+  for (int64_t b = 0; b + 1 < cu_t.size(0); ++b)
+    for (int64_t s = 0; s < int64_t(cu[b + 1]) - cu[b]; s += block)
+      blocks.push_back({int32_t(b), int32_t(s)});
+  return blocks;
+}
+
+bool poison_outputs() {
+  const char* e = std::getenv("TORCH_VARLEN_POISON_OUTPUTS");
+  return e && e[0] && e[0] != '0';
+}
+
+// ------------------------------------------------------------------ kernels per ISA
+
+template <typename scalar_t, typename acc_t>
+struct KernelSet {
+  using Items = void (*)(const Params<scalar_t, acc_t>&, const Block*, int64_t, int64_t, acc_t*);
+  Items forward, dkdv, dq;
+  void (*delta)(const Params<scalar_t, acc_t>&, const acc_t*, int64_t, int64_t, acc_t*, int64_t, int64_t);
+};
+
+#define VARLEN_KERNEL_SET(ns)                                                              \
+  KernelSet<scalar_t, acc_t> {                                                            \
+    ns::forward_items<scalar_t, acc_t>, ns::backward_dkdv_items<scalar_t, acc_t>,         \
+        ns::backward_dq_items<scalar_t, acc_t>, ns::delta_rows<scalar_t, acc_t>           \
+  }
+
+template <typename scalar_t, typename acc_t>
+KernelSet<scalar_t, acc_t> kernels() {
+#ifdef VARLEN_X86_VARIANTS
+  static const std::string cap = at::get_cpu_capability();  // "DEFAULT", "AVX2", "AVX512"
+  if (cap == "AVX512") return VARLEN_KERNEL_SET(avx512);
+  if (cap == "AVX2") return VARLEN_KERNEL_SET(avx2);
+#endif
+  return VARLEN_KERNEL_SET(base);
+}
+
+// Runs items [0, n) in parallel; each task gets its own zeroed scratch of `scratch` acc_t.
+template <typename acc_t, typename F>
+void run_items(int64_t n, int64_t scratch, const F& fn) {
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<void, void (*)(void*)> buf(c10::alloc_cpu(sizeof(acc_t) * scratch), c10::free_cpu);
+    std::memset(buf.get(), 0, sizeof(acc_t) * scratch);
+    fn(begin, end, static_cast<acc_t*>(buf.get()));
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+Params<scalar_t, acc_t> make_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const SeqLayout& lq, const SeqLayout& lk, double scale,
+                                    int64_t left, int64_t right, double softcap,
+                                    const Tensor& alibi, double dropout_p, const OptTensor& rng) {
+  Params<scalar_t, acc_t> p{};
+  p.q = q.data_ptr<scalar_t>();
+  p.k = k.data_ptr<scalar_t>();
+  p.v = v.data_ptr<scalar_t>();
+  p.q_s0 = q.stride(0), p.q_s1 = q.stride(1);
+  p.k_s0 = k.stride(0), p.k_s1 = k.stride(1);
+  p.v_s0 = v.stride(0), p.v_s1 = v.stride(1);
+  p.cu_q = lq.cu.data_ptr<int32_t>();
+  p.cu_k = lk.cu.data_ptr<int32_t>();
+  p.start_q = lq.start.data_ptr<int32_t>();
+  p.start_k = lk.start.data_ptr<int32_t>();
+  p.batch = lq.cu.size(0) - 1;
+  p.nheads = q.size(1), p.nheads_k = k.size(1), p.headdim = q.size(2), p.headdim_v = v.size(2);
+  p.total_q = q.size(0);
+  p.scale = static_cast<acc_t>(scale);
+  p.softcap = static_cast<acc_t>(softcap);
+  p.window_left = left, p.window_right = right;
+  if (alibi.defined()) {
+    p.alibi = alibi.data_ptr<float>();
+    p.alibi_batch_stride = alibi.dim() == 2 ? p.nheads : 0;
+  }
+  p.dropout = dropout_p > 0;
+  if (p.dropout) {
+    const Tensor st = rng->contiguous();
+    p.seed = static_cast<uint64_t>(st.data_ptr<int64_t>()[0]);
+    p.offset = static_cast<uint64_t>(st.data_ptr<int64_t>()[1]);
+    p.dropout_threshold = dropout_threshold(dropout_p);
+    p.dropout_scale = static_cast<acc_t>(1.0 / (1.0 - dropout_p));
+  }
+  return p;
+}
+
+// The last dim must be contiguous; anything else is read through strides.
+Tensor unit_last(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+at::ScalarType lse_dtype(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+struct Prepared {
+  Tensor q, k, v, alibi;
+  SeqLayout lq, lk;
+};
+
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                 const Tensor& cu_k, const OptTensor& alibi, const OptTensor& cu_q_pad,
+                 const OptTensor& cu_k_pad, int64_t left, int64_t right, double softcap,
+                 double dropout_p, const OptTensor& rng_state) {
+  check_shapes(q, k, v, cu_q, cu_k, alibi, cu_q_pad, cu_k_pad, left, right, softcap, dropout_p, rng_state);
+  Prepared pr;
+  pr.lq = check_cu_values("cu_seqlens_q", cu_q, cu_q_pad, "q", q.size(0));
+  pr.lk = check_cu_values("cu_seqlens_k", cu_k, cu_k_pad, "k", k.size(0));
+  pr.q = unit_last(q), pr.k = unit_last(k), pr.v = unit_last(v);
+  if (alibi) pr.alibi = alibi->contiguous();
+  return pr;
+}
+
+// ------------------------------------------------------------------ ops
+
+std::tuple<Tensor, Tensor> attention_forward_cpu(
+    const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, c10::SymInt /*max_seqlen_q*/, c10::SymInt /*max_seqlen_k*/,
+    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
+    const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
+    bool /*deterministic*/) {
+  const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                              cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
+                              softcap, dropout_p, rng_state);
+  const Tensor &q = pr.q, &k = pr.k, &v = pr.v;
+  const int64_t total_q = q.size(0), H = q.size(1);
+  Tensor out = at::empty({total_q, H, v.size(2)}, q.options());
+  Tensor lse = at::empty({H, total_q}, q.options().dtype(lse_dtype(q)));
+  if (poison_outputs()) {
+    out.fill_(std::numeric_limits<double>::quiet_NaN());
+    lse.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  for (auto [a, b] : gaps(pr.lq, total_q)) {
+    out.narrow(0, a, b - a).zero_();
+    lse.narrow(1, a, b - a).fill_(-std::numeric_limits<double>::infinity());
+  }
+  const std::vector<Block> blocks = make_blocks(pr.lq.cu, kBlockM);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = make_params<scalar_t, acc_t>(q, k, v, pr.lq, pr.lk, softmax_scale, window_left,
+                                          window_right, softcap, pr.alibi, dropout_p, rng_state);
+    p.out = out.data_ptr<scalar_t>();
+    p.lse = lse.data_ptr<acc_t>();
+    const auto ks = kernels<scalar_t, acc_t>();
+    run_items<acc_t>(int64_t(blocks.size()) * H, forward_scratch(p.headdim, p.headdim_v),
+                     [&](int64_t b, int64_t e, acc_t* s) { ks.forward(p, blocks.data(), b, e, s); });
+  });
+  return {out, lse};
+}
+
+void check_like(const char* name, const Tensor& t, at::IntArrayRef shape, at::ScalarType dtype,
+                const Tensor& q) {
+  TORCH_CHECK(t.sizes() == shape, name, " must have shape ", py_tuple(shape), ", got ", py_tuple(t.sizes()));
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", py_dtype(dtype), ", got ", py_dtype(t.scalar_type()));
+  TORCH_CHECK(t.device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t.device());
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
+    const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+    const Tensor& out_in, const Tensor& softmax_lse, const Tensor& cu_seqlens_q,
+    const Tensor& cu_seqlens_k, c10::SymInt /*max_seqlen_q*/, c10::SymInt /*max_seqlen_k*/,
+    double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
+    const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
+    const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
+    bool /*deterministic*/, const OptTensor& grad_lse) {
+  const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                              cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
+                              softcap, dropout_p, rng_state);
+  const Tensor &q = pr.q, &k = pr.k, &v = pr.v;
+  const int64_t total_q = q.size(0), H = q.size(1), Dv = v.size(2);
+  const std::vector<int64_t> out_shape{total_q, H, Dv}, lse_shape{H, total_q};
+  check_like("grad_out", grad_out_in, out_shape, q.scalar_type(), q);
+  check_like("out", out_in, out_shape, q.scalar_type(), q);
+  check_like("softmax_lse", softmax_lse, lse_shape, lse_dtype(q), q);
+  if (grad_lse) check_like("grad_lse", *grad_lse, lse_shape, lse_dtype(q), q);
+  const Tensor grad_out = unit_last(grad_out_in), out = unit_last(out_in);
+  const Tensor lse = softmax_lse.contiguous();
+  const Tensor glse = grad_lse ? *grad_lse : Tensor();
+
+  // empty_like keeps q's strides for dense q, as the fake does; rows are written through strides
+  Tensor dq = at::empty_like(q_in), dk = at::empty_like(k_in), dv = at::empty_like(v_in);
+  if (poison_outputs()) {
+    for (Tensor* t : {&dq, &dk, &dv}) t->fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  for (auto [a, b] : gaps(pr.lq, total_q)) dq.narrow(0, a, b - a).zero_();
+  for (auto [a, b] : gaps(pr.lk, k.size(0))) {
+    dk.narrow(0, a, b - a).zero_();
+    dv.narrow(0, a, b - a).zero_();
+  }
+  Tensor delta = at::empty({H, total_q}, lse.options());
+  const std::vector<Block> qblocks = make_blocks(pr.lq.cu, kBlockM);
+  const std::vector<Block> kblocks = make_blocks(pr.lk.cu, kBlockN);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = make_params<scalar_t, acc_t>(q, k, v, pr.lq, pr.lk, softmax_scale, window_left,
+                                          window_right, softcap, pr.alibi, dropout_p, rng_state);
+    p.dout = grad_out.data_ptr<scalar_t>();
+    p.dout_s0 = grad_out.stride(0), p.dout_s1 = grad_out.stride(1);
+    p.out_saved = out.data_ptr<scalar_t>();
+    p.out_s0 = out.stride(0), p.out_s1 = out.stride(1);
+    p.lse_saved = lse.data_ptr<acc_t>();
+    p.delta = delta.data_ptr<acc_t>();
+    p.dq = dq.data_ptr<scalar_t>(), p.dk = dk.data_ptr<scalar_t>(), p.dv = dv.data_ptr<scalar_t>();
+    p.dq_s0 = dq.stride(0), p.dq_s1 = dq.stride(1), p.dq_s2 = dq.stride(2);
+    p.dk_s0 = dk.stride(0), p.dk_s1 = dk.stride(1), p.dk_s2 = dk.stride(2);
+    p.dv_s0 = dv.stride(0), p.dv_s1 = dv.stride(1), p.dv_s2 = dv.stride(2);
+    const auto ks = kernels<scalar_t, acc_t>();
+    const acc_t* glse_ptr = glse.defined() ? glse.data_ptr<acc_t>() : nullptr;
+    const int64_t g0 = glse.defined() ? glse.stride(0) : 0, g1 = glse.defined() ? glse.stride(1) : 0;
+    acc_t* delta_ptr = delta.data_ptr<acc_t>();
+    at::parallel_for(0, total_q, 256, [&](int64_t b, int64_t e) {
+      ks.delta(p, glse_ptr, g0, g1, delta_ptr, b, e);
+    });
+    run_items<acc_t>(int64_t(kblocks.size()) * p.nheads_k, backward_dkdv_scratch(p.headdim, p.headdim_v),
+                     [&](int64_t b, int64_t e, acc_t* s) { ks.dkdv(p, kblocks.data(), b, e, s); });
+    run_items<acc_t>(int64_t(qblocks.size()) * H, backward_dq_scratch(p.headdim, p.headdim_v),
+                     [&](int64_t b, int64_t e, acc_t* s) { ks.dq(p, qblocks.data(), b, e, s); });
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+}  // namespace attn
+}  // namespace varlen
+
+TORCH_LIBRARY_IMPL(varlen, CPU, m) {
+  m.impl("attention_forward", &varlen::attn::attention_forward_cpu);
+  m.impl("attention_backward", &varlen::attn::attention_backward_cpu);
+}
