@@ -1,0 +1,614 @@
+"""Triton varlen attention (torch_varlen/kernels/attention.py) against reference.py in float64.
+
+Two halves:
+- ``test_interp_*``: the same Triton kernels run on the CPU under ``TRITON_INTERPRET=1`` at tiny
+  sizes, so CI (no GPU) tests every kernel change. The interpreter must be switched on before
+  the kernels are defined, so ``test_triton_interpreter_subprocess`` runs them in a child pytest
+  with that variable set; in this process they skip with a reason that says so.
+- ``test_gpu_*``: compiled kernels through the public ops on CUDA (``requires_cuda``).
+
+Numerics follow DESIGN.md: err(kernel) <= 2 * err(reference run in the same dtype) + atol,
+errors against the float64 reference; outputs are NaN-poisoned before the kernels run.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_varlen
+from torch_varlen import reference
+from conftest import DEVICES, requires_cuda
+from samples import attention_sample_inputs, cu_seqlens, make_attention_sample
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _fix_interpreter_scalar_index():
+    """Triton 3.6's interpreter turns a scalar (a 1-element numpy array) into a loop bound with
+    int(array), which numpy >= 2.4 rejects for arrays with ndim > 0; read the element instead."""
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_varlen_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._varlen_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+if INTERPRET:
+    _fix_interpreter_scalar_index()
+
+from torch_varlen.kernels import attention as triton_attention  # noqa: E402
+
+
+@pytest.fixture(autouse=INTERPRET)
+def interpreter_bounds_check():
+    """Under the interpreter, fail any load or store (mask on) outside the storages of the
+    kernel's tensor arguments: a CPU stand-in for compute-sanitizer's memcheck."""
+    from triton.runtime import interpreter
+
+    ranges = []
+    init_args = interpreter.GridExecutor._init_args_hst
+
+    def init_args_recording(self, args_dev, kwargs):
+        args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
+        ranges.clear()
+        for a in list(args_hst) + list(kwargs_hst.values()):
+            if isinstance(a, torch.Tensor):
+                st = a.untyped_storage()
+                ranges.append((st.data_ptr(), st.data_ptr() + st.nbytes()))
+        return args_hst, kwargs_hst
+
+    builder = interpreter.interpreter_builder
+    load, store = builder.create_masked_load, builder.create_masked_store
+
+    def check(ptrs, mask, what):
+        import numpy as np
+
+        size = interpreter._get_np_dtype(ptrs.get_element_ty()).itemsize
+        p = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)].astype(np.uint64)
+        ok = np.zeros(p.shape, dtype=bool)
+        for lo, hi in ranges:
+            ok |= (p >= lo) & (p + size <= hi)
+        assert ok.all(), f"out-of-bounds {what} of {int((~ok).sum())} elements"
+
+    def checked_load(ptrs, mask, *args):
+        check(ptrs, mask, "load")
+        return load(ptrs, mask, *args)
+
+    def checked_store(ptrs, value, mask, *args):
+        check(ptrs, mask, "store")
+        return store(ptrs, value, mask, *args)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(interpreter.GridExecutor, "_init_args_hst", init_args_recording)
+    mp.setattr(builder, "create_masked_load", checked_load)
+    mp.setattr(builder, "create_masked_store", checked_store)
+    yield
+    mp.undo()
+
+
+interp_only = pytest.mark.skipif(
+    not INTERPRET, reason="runs in the TRITON_INTERPRET=1 child of test_triton_interpreter_subprocess")
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    monkeypatch.setattr(triton_attention, "_poison_outputs", True)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _finite(lse):
+    return lse.masked_fill(~torch.isfinite(lse), 0)
+
+
+def _reference(s, dtype, do, dlse, dropout_p=0.0, rng_state=None):
+    """reference.attention in `dtype` -> (out, lse, dq, dk, dv) with the loss sum(out*do) + sum(lse*dlse)."""
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (s.q, s.k, s.v))
+    out, lse, _ = reference.attention(q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, dropout_p=dropout_p,
+                                      rng_state=rng_state, **s.kwargs)
+    loss = (out.double() * do).sum() + (_finite(lse).double() * dlse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return out, lse, dq, dk, dv
+
+
+def _launch_args(s, dropout_p=0.0, rng_state=None, deterministic=False):
+    kw = s.kwargs
+    left, right = kw.get("window_size", (-1, -1))
+    if kw.get("causal", False):
+        right = 0
+    scale = kw.get("softmax_scale") or s.q.shape[-1] ** -0.5
+    return ((s.q.detach(), s.k.detach(), s.v.detach(), s.cu_seqlens_q, s.cu_seqlens_k,
+             s.max_seqlen_q, s.max_seqlen_k, scale, left, right, kw.get("softcap", 0.0),
+             kw.get("alibi_slopes"), kw.get("cu_seqlens_q_padded"), kw.get("cu_seqlens_k_padded"),
+             dropout_p, rng_state, deterministic))
+
+
+def _run_launchers(s, do, dlse, dropout_p=0.0, rng_state=None, deterministic=False):
+    """The Triton launchers called directly (CPU under the interpreter, or CUDA)."""
+    args = _launch_args(s, dropout_p, rng_state, deterministic)
+    out, lse = triton_attention.attention_forward(*args)
+    dq, dk, dv = triton_attention.attention_backward(
+        do.to(s.q.dtype), *args[:3], out, lse, *args[3:], grad_lse=dlse.float())
+    return out, lse, dq, dk, dv
+
+
+def _run_op(s, do, dlse, dropout_p=0.0, rng_state=None, deterministic=False):
+    """The public API with autograd (dispatches to the registered CUDA kernels)."""
+    q, k, v = (x.detach().requires_grad_() for x in (s.q, s.k, s.v))
+    out, lse = torch_varlen.varlen_attention(
+        q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k,
+        dropout_p=dropout_p, rng_state=rng_state, deterministic=deterministic, **s.kwargs)
+    loss = (out.double() * do).sum() + (_finite(lse).double() * dlse).sum()
+    dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+    return out.detach(), lse.detach(), dq, dk, dv
+
+
+def _err(x, ref):
+    return (x.double() - ref.double()).abs().max().item() if x.numel() else 0.0
+
+
+def _check(s, run, *, dropout_p=0.0, rng_state=None, atol=None):
+    """run(s, do, dlse, ...) against the float64 reference, with the 2x same-dtype rule."""
+    dtype = s.q.dtype
+    atol = atol if atol is not None else (1e-5 if dtype == torch.float32 else 2e-3)
+    do = torch.randn(s.q.shape[0], s.q.shape[1], s.v.shape[2], dtype=torch.float64, device=s.q.device)
+    dlse = torch.randn(s.q.shape[1], s.q.shape[0], dtype=torch.float64, device=s.q.device)
+    got = run(s, do, dlse, dropout_p=dropout_p, rng_state=rng_state)
+    ref64 = _reference(s, torch.float64, do, dlse, dropout_p, rng_state)
+    same = _reference(s, dtype, do, dlse, dropout_p, rng_state)
+    out, lse = got[0], got[1]
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    # Rows that see no key (or lie outside every sequence): lse -inf exactly where the reference has it.
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref64[1])), s.name
+    for name, x, r, m in zip(("out", "lse", "dq", "dk", "dv"), got, ref64, same):
+        if name == "lse":
+            x, r, m = _finite(x), _finite(r), _finite(m.float())
+        assert not x.isnan().any(), f"{s.name}: {name} has NaN (an unwritten row?)"
+        err, err_same = _err(x, r), _err(m, r)
+        assert err <= 2 * err_same + atol, f"{s.name}: {name} err {err:.3g} > 2 * {err_same:.3g} + {atol}"
+
+
+def _long_samples(device, dtype):
+    """Several blocks per sequence at the interpreter's tile sizes, every feature."""
+    mk = lambda *a, **kw: make_attention_sample(*a, device=device, dtype=dtype, **kw)
+    slopes = (torch.rand(4) * 0.3 + 0.05).float().to(device)
+    yield mk([37, 0, 17, 33], [20, 5, 40, 33], 4, 2, 32, 16, causal=True, name="long_causal_gqa")
+    yield mk([37, 1, 33], [37, 3, 30], 4, 1, 16, 32, window_size=(7, 3), pad_q=3, pad_k=2,
+             name="long_window_padded_mqa")
+    yield mk([38, 21], [29, 39], 4, 2, 16, 16, softcap=3.0, alibi_slopes=slopes,
+             window_size=(-1, 5), name="long_softcap_alibi_right_window")
+
+
+# ---------------------------------------------------------------- CPU, under the interpreter
+
+
+def test_triton_interpreter_subprocess():
+    """Runs the test_interp_* tests in a child pytest with TRITON_INTERPRET=1."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+         "-k", "interp_"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    passed = re.search(r"(\d+) passed", proc.stdout)
+    assert passed and int(passed.group(1)) >= 20, tail
+    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+def _interp_samples():
+    return list(attention_sample_inputs("cpu", torch.float32)) + list(_long_samples("cpu", torch.float32))
+
+
+@interp_only
+@pytest.mark.parametrize("index", range(14))
+def test_interp_matches_reference(index, poison):
+    samples = _interp_samples()
+    assert len(samples) == 14
+    _check(samples[index], _run_launchers)
+
+
+@interp_only
+def test_interp_float16(poison):
+    s = make_attention_sample([19, 0, 33], [25, 2, 33], 2, 1, 16, 16, "cpu", torch.float16,
+                              causal=True, pad_k=2, name="fp16")
+    _check(s, _run_launchers)
+
+
+@interp_only
+@pytest.mark.parametrize("p", [0.17, 0.5, 0.93])
+def test_interp_dropout_mask_is_philox_keep(p):
+    rng = torch.tensor([(3 << 40) + 987654321, (5 << 33) + 4242], dtype=torch.int64)
+    keep = triton_attention.dropout_keep_mask(rng, 3, 1000, 40, 50, p)
+    ref = reference.philox_keep(int(rng[0]), int(rng[1]), 3, torch.arange(1000, 1040)[:, None],
+                                torch.arange(50)[None, :], p)
+    assert torch.equal(keep, ref)
+
+
+@interp_only
+def test_interp_dropout_matches_reference(poison):
+    rng = torch.tensor([123456789012345, 77], dtype=torch.int64)
+    for s in _long_samples("cpu", torch.float32):
+        _check(s, _run_launchers, dropout_p=0.3, rng_state=rng)
+
+
+@interp_only
+def test_interp_dropout_same_as_cpu_kernel():
+    # Same seed and offset: the Triton kernel and the C++ CPU kernel drop the same weights.
+    rng = torch.tensor([(11 << 45) + 2024, (3 << 34) + 99], dtype=torch.int64)
+    for s in _long_samples("cpu", torch.float32):
+        do = torch.randn(s.q.shape[0], s.q.shape[1], s.v.shape[2], dtype=torch.float64)
+        dlse = torch.randn(s.q.shape[1], s.q.shape[0], dtype=torch.float64)
+        triton_out = _run_launchers(s, do, dlse, dropout_p=0.35, rng_state=rng)
+        cpu_out = _run_op(s, do, dlse, dropout_p=0.35, rng_state=rng)
+        for a, b in zip(triton_out, cpu_out):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+@interp_only
+def test_interp_rows_after_last_sequence(poison):
+    # A capacity-style buffer: rows past cu_seqlens[-1] give out 0, lse -inf, zero grads.
+    s = make_attention_sample([5, 9], [7, 3], 2, 2, 16, 16, "cpu", torch.float32, causal=True)
+    s.q = torch.cat([s.q, torch.randn(21, 2, 16)])
+    s.k = torch.cat([s.k, torch.randn(30, 2, 16)])
+    s.v = torch.cat([s.v, torch.randn(30, 2, 16)])
+    _check(s, _run_launchers)
+    out, lse, dq, dk, dv = _run_launchers(s, torch.randn(35, 2, 16), torch.randn(2, 35))
+    assert out[14:].eq(0).all() and torch.isneginf(lse[:, 14:]).all()
+    assert dq[14:].eq(0).all() and dk[10:].eq(0).all() and dv[10:].eq(0).all()
+
+
+@interp_only
+def test_interp_empty_batch_and_empty_buffers(poison):
+    s = make_attention_sample([], [], 2, 2, 16, 16, "cpu", torch.float32)
+    s.q, s.k, s.v = torch.randn(6, 2, 16), torch.randn(4, 2, 16), torch.randn(4, 2, 16)
+    out, lse, dq, dk, dv = _run_launchers(s, torch.randn(6, 2, 16), torch.randn(2, 6))
+    assert out.eq(0).all() and torch.isneginf(lse).all()
+    assert dq.eq(0).all() and dk.eq(0).all() and dv.eq(0).all()
+    s = make_attention_sample([0, 0], [0, 3], 2, 1, 16, 16, "cpu", torch.float32)
+    out, lse, dq, dk, dv = _run_launchers(s, torch.randn(0, 2, 16), torch.randn(2, 0))
+    assert out.shape == (0, 2, 16) and dk.eq(0).all() and dv.eq(0).all()
+
+
+@interp_only
+def test_interp_bad_cu_seqlens_stay_in_bounds():
+    # Lengths past the buffer: values are garbage in, but no load or store leaves the buffers
+    # (interpreter_bounds_check fails the test on any out-of-bounds access).
+    s = make_attention_sample([5, 9], [7, 3], 2, 2, 16, 16, "cpu", torch.float32)
+    s.cu_seqlens_q = torch.tensor([0, 5, 60], dtype=torch.int32)
+    s.cu_seqlens_k = torch.tensor([0, 40, 41], dtype=torch.int32)
+    _run_launchers(s, torch.randn(14, 2, 16), torch.randn(2, 14))
+
+
+# ---------------------------------------------------------------- argument errors (any device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_name_the_argument(device):
+    s = make_attention_sample([3, 4], [3, 4], 2, 2, 16, 16, device, torch.float32)
+    args = list(_launch_args(s))
+    fwd = triton_attention.attention_forward
+    with pytest.raises(TypeError, match="float16, bfloat16 and float32 inputs, got torch.float64"):
+        fwd(*[a.double() if i < 3 else a for i, a in enumerate(args)])
+    big = [torch.randn(7, 2, 512, device=device), torch.randn(7, 2, 512, device=device),
+           torch.randn(7, 2, 512, device=device)]
+    with pytest.raises(ValueError, match="head dims up to 256"):
+        fwd(*big, *args[3:])
+    with pytest.raises(RuntimeError, match="cu_seqlens_q must be int32"):
+        fwd(*args[:3], s.cu_seqlens_q.long(), *args[4:])
+    with pytest.raises(RuntimeError, match="rng_state"):
+        fwd(*args[:14], 0.1, None, False)
+    out, lse = torch.zeros(7, 2, 16, device=device), torch.zeros(2, 7, device=device)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \(7, 2, 16\)"):
+        triton_attention.attention_backward(torch.zeros(7, 2, 8, device=device), *args[:3], out,
+                                            lse, *args[3:])
+
+
+# ---------------------------------------------------------------- GPU
+
+
+def _gpu_samples(dtype):
+    return list(attention_sample_inputs("cuda", dtype)) + list(_long_samples("cuda", dtype))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_samples_match_reference(dtype, poison):
+    for s in _gpu_samples(dtype):
+        _check(s, _run_op)
+
+
+@requires_cuda
+@pytest.mark.parametrize("headdim", [32, 64, 80, 96, 128, 192, 256])
+def test_gpu_headdims(headdim, poison):
+    torch.manual_seed(headdim)
+    lengths_q = [300, 0, 1, 129, 777]
+    lengths_k = [300, 5, 1, 200, 640]
+    dv = 64 if headdim == 192 else headdim
+    for kw in ({"causal": True}, {}, {"window_size": (100, 20)}):
+        s = make_attention_sample(lengths_q, lengths_k, 8, 2, headdim, dv, "cuda", torch.bfloat16,
+                                  name=f"d{headdim}_{kw}", **kw)
+        _check(s, _run_op)
+
+
+@requires_cuda
+def test_gpu_all_features_with_dropout(poison):
+    torch.manual_seed(0)
+    slopes = (torch.rand(3, 6) * 0.2).float().cuda()
+    s = make_attention_sample([200, 0, 333], [150, 7, 400], 6, 3, 96, 64, "cuda", torch.bfloat16,
+                              softcap=20.0, alibi_slopes=slopes, window_size=(128, 16), pad_q=5,
+                              pad_k=3, name="everything")
+    rng = torch.tensor([2**61 + 12345, 2**40 + 9], dtype=torch.int64, device="cuda")
+    _check(s, _run_op, dropout_p=0.2, rng_state=rng)
+
+
+@requires_cuda
+def test_gpu_dropout_mask_same_as_cpu():
+    rng = torch.tensor([(9 << 50) + 31337, (1 << 32) + 5], dtype=torch.int64)
+    for p in (0.1, 0.5, 0.99):
+        keep = triton_attention.dropout_keep_mask(rng.cuda(), 5, 77, 300, 257, p)
+        ref = reference.philox_keep(int(rng[0]), int(rng[1]), 5, torch.arange(77, 377)[:, None],
+                                    torch.arange(257)[None, :], p)
+        assert torch.equal(keep.cpu(), ref)
+    # and inside the attention kernel: fp32 result equals the reference with the same rng_state,
+    # and the CPU kernel's result on the same inputs.
+    s = make_attention_sample([70, 33], [64, 90], 4, 2, 32, 32, "cuda", torch.float32, causal=True)
+    _check(s, _run_op, dropout_p=0.4, rng_state=rng.cuda())
+    do = torch.randn(s.q.shape[0], 4, 32, dtype=torch.float64, device="cuda")
+    dlse = torch.randn(4, s.q.shape[0], dtype=torch.float64, device="cuda")
+    gpu = _run_op(s, do, dlse, dropout_p=0.4, rng_state=rng.cuda())
+    s_cpu = make_attention_sample([70, 33], [64, 90], 4, 2, 32, 32, "cpu", torch.float32, causal=True)
+    s_cpu.q, s_cpu.k, s_cpu.v = s.q.cpu(), s.k.cpu(), s.v.cpu()
+    cpu = _run_op(s_cpu, do.cpu(), dlse.cpu(), dropout_p=0.4, rng_state=rng)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu().double(), b.double(), rtol=1e-4, atol=1e-5)
+
+
+@requires_cuda
+def test_gpu_backward_is_bitwise_reproducible():
+    s = make_attention_sample([1000, 3, 517], [900, 40, 517], 8, 2, 128, 128, "cuda", torch.bfloat16,
+                              causal=True)
+    do = torch.randn(s.q.shape[0], 8, 128, device="cuda", dtype=torch.float64)
+    dlse = torch.randn(8, s.q.shape[0], device="cuda", dtype=torch.float64)
+    first = _run_op(s, do, dlse, deterministic=True)
+    for _ in range(3):
+        again = _run_op(s, do, dlse, deterministic=True)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@requires_cuda
+def test_gpu_opcheck():
+    for requires_grad in (False, True):
+        for s in attention_sample_inputs("cuda", torch.bfloat16, requires_grad=requires_grad):
+            kw = s.kwargs
+            left, right = kw.get("window_size", (-1, -1))
+            args = (s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k,
+                    kw.get("softmax_scale") or s.q.shape[-1] ** -0.5, left,
+                    0 if kw.get("causal") else right, kw.get("softcap", 0.0), kw.get("alibi_slopes"),
+                    kw.get("cu_seqlens_q_padded"), kw.get("cu_seqlens_k_padded"))
+            torch.library.opcheck(torch.ops.varlen.attention_forward.default, args)
+
+
+def _layer(embed=64, nheads=4, headdim=16):
+    torch.manual_seed(0)
+    return torch.nn.ModuleDict({
+        "qkv": torch.nn.Linear(embed, 3 * nheads * headdim),
+        "proj": torch.nn.Linear(nheads * headdim, embed),
+    }).cuda().to(torch.bfloat16)
+
+
+def _layer_forward(layer, x, cu, max_seqlen, nheads=4, headdim=16):
+    q, k, v = layer["qkv"](x).view(x.shape[0], 3, nheads, headdim).unbind(1)
+    o = torch_varlen.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+    return layer["proj"](o.flatten(1)).float().square().mean()
+
+
+@requires_cuda
+def test_gpu_compiled_training_step_no_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    layer = _layer()
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(_layer_forward, backend=counter, fullgraph=True, dynamic=True)
+    for lengths in ([5, 17, 0, 64], [100, 3], [1, 2, 3, 4, 5, 6], [250]):
+        cu = cu_seqlens(lengths, "cuda")
+        x = torch.randn(sum(lengths), 64, device="cuda", dtype=torch.bfloat16)
+        loss = step(layer, x, cu, max(lengths))
+        grads = torch.autograd.grad(loss, list(layer.parameters()))
+        loss_e = _layer_forward(layer, x, cu, max(lengths))
+        grads_e = torch.autograd.grad(loss_e, list(layer.parameters()))
+        torch.testing.assert_close(loss, loss_e, rtol=2e-2, atol=1e-3)
+        for g, ge in zip(grads, grads_e):
+            torch.testing.assert_close(g, ge, rtol=5e-2, atol=5e-3)
+    assert counter.frame_count == 1
+
+
+def _pack(hidden, mask):
+    """Capture-safe unpad with capacity B*S (torch ops only, no host sync)."""
+    batch, seqlen = mask.shape
+    cap = batch * seqlen
+    flat = mask.flatten().to(torch.int64)
+    dest = torch.where(flat.bool(), torch.cumsum(flat, 0) - 1, cap)
+    idx = torch.full((cap + 1,), cap, dtype=torch.int64, device=mask.device)
+    idx.scatter_(0, dest, torch.arange(cap, device=mask.device))
+    idx = idx[:cap]
+    rows = torch.cat([hidden.flatten(0, 1), hidden.new_zeros(1, *hidden.shape[2:])])[idx]
+    cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0)).to(torch.int32)
+    return rows, idx, cu
+
+
+def _unpack(rows, idx, batch, seqlen):
+    out = rows.new_zeros(batch * seqlen + 1, *rows.shape[1:])
+    out[idx] = rows
+    return out[:-1].view(batch, seqlen, *rows.shape[1:])
+
+
+@requires_cuda
+def test_gpu_attention_in_cuda_graph_across_masks():
+    batch, seqlen, nheads, headdim = 3, 96, 4, 64
+    hidden = torch.randn(batch, seqlen, 3, nheads, headdim, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(batch, seqlen, dtype=torch.bool, device="cuda")
+
+    def pipeline(hidden, mask):
+        rows, idx, cu = _pack(hidden, mask)
+        out = torch_varlen.flash_attn_varlen_func(rows[:, 0], rows[:, 1], rows[:, 2], cu, cu,
+                                                  seqlen, seqlen, causal=True)
+        return _unpack(out, idx, batch, seqlen)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pipeline(hidden, mask)  # compiles the kernels before capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = pipeline(hidden, mask)
+    for lengths in ([96, 0, 50], [1, 95, 17], [33, 33, 33]):
+        hidden.copy_(torch.randn_like(hidden))
+        mask.copy_(torch.arange(seqlen, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None])
+        graph.replay()
+        expect = pipeline(hidden, mask)
+        assert torch.equal(static_out, expect)
+        ref, _, _ = reference.attention(*(hidden[mask][:, i].double() for i in range(3)),
+                                        cu_seqlens(lengths, "cuda"), cu_seqlens(lengths, "cuda"),
+                                        causal=True)
+        assert (static_out[mask].double() - ref).abs().max() < 2e-2
+        assert static_out[~mask].eq(0).all()
+
+
+def _has_cuda_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
+
+
+@requires_cuda
+@pytest.mark.skipif(not _has_cuda_kernel("varlen::unpad_capacity"),
+                    reason="needs the CUDA unpad_capacity kernel (padding issue) in this build")
+def test_gpu_capacity_pipeline_in_cuda_graph():
+    batch, seqlen, nheads, headdim = 3, 80, 4, 32
+    hidden = torch.randn(batch, seqlen, 3 * nheads * headdim, device="cuda", dtype=torch.bfloat16)
+    mask = torch.ones(batch, seqlen, dtype=torch.bool, device="cuda")
+
+    def pipeline(hidden, mask):
+        rows, idx, cu, max_seqlen, _ = torch_varlen.unpad_input(hidden, mask, capacity=batch * seqlen)
+        q, k, v = rows.view(-1, 3, nheads, headdim).unbind(1)
+        out = torch_varlen.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True)
+        return torch_varlen.pad_input(out.flatten(1), idx, batch, seqlen)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        pipeline(hidden, mask)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = pipeline(hidden, mask)
+    for lengths in ([80, 0, 9], [1, 79, 40]):
+        hidden.copy_(torch.randn_like(hidden))
+        mask.copy_(torch.arange(seqlen, device="cuda")[None, :] < torch.tensor(lengths, device="cuda")[:, None])
+        graph.replay()
+        assert torch.equal(static_out, pipeline(hidden, mask))
+        assert static_out[~mask].eq(0).all()
+
+
+_AOTI_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    which, device, package = sys.argv[1:4]
+    if which == "control":  # torch_varlen not even imported: tells a broken AOTInductor from a bug of ours
+        class M(torch.nn.Module):
+            def forward(self, x):
+                return x.sin() + 1
+        runs = [(torch.randn(8, 8, device=device),)]
+    else:
+        import torch_varlen
+        from samples import cu_seqlens, make_attention_sample
+
+        class M(torch.nn.Module):
+            def forward(self, q, k, v, cu_q, cu_k):
+                return torch_varlen.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 64, 64, causal=True,
+                                                           softcap=5.0)
+        s = make_attention_sample([40, 0, 64, 20], [64, 3, 50, 7], 4, 2, 64, 64, device, torch.bfloat16)
+        runs = [(s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k),
+                # other lengths, same shapes
+                (s.q, s.k, s.v, cu_seqlens([60, 20, 0, 44], device), cu_seqlens([30, 30, 30, 34], device))]
+    ep = torch.export.export(M(), runs[0])
+    loaded = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=package))
+    exact = {} if which == "control" else {"rtol": 0, "atol": 0}  # our op runs as is: bitwise
+    for args in runs:
+        torch.testing.assert_close(loaded(*args), M()(*args), **exact)
+    print("aoti-ok")
+""")
+
+
+def _run_aoti(which, device, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]))
+    return subprocess.run([sys.executable, "-c", _AOTI_SCRIPT, which, device, str(tmp_path / f"{which}.pt2")],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_aoti_export_matches_eager(device, tmp_path):
+    """torch.export + AOTInductor package of a model calling the op, loaded in Python, equals
+    eager (CUDA: the Triton kernels; CPU: the C++ kernel). Runs in a child process: a crash of AOTInductor's loader must not take pytest down.
+    If it crashes, a control model without our op tells an environment problem (skip, with
+    the reason) from one of ours (fail)."""
+    proc = _run_aoti("varlen", device, tmp_path)
+    if proc.returncode < 0 or proc.returncode > 128:  # killed by a signal
+        control = _run_aoti("control", device, tmp_path)
+        if "aoti-ok" not in control.stdout:
+            pytest.skip(f"AOTInductor crashes on this machine for a trivial model too (torch "
+                        f"{torch.__version__}, exit {control.returncode}); not a torch_varlen bug")
+    assert proc.returncode == 0 and "aoti-ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+
+
+_SANITIZER_SCRIPT = textwrap.dedent("""
+    import torch, torch_varlen
+    from samples import make_attention_sample
+    s = make_attention_sample([37, 0, 130, 1], [20, 5, 140, 9], 4, 2, 64, 64, "cuda", torch.bfloat16,
+                              requires_grad=True, causal=True, pad_q=3)
+    out = torch_varlen.flash_attn_varlen_func(s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, 130, 140,
+                                              window_size=(50, 0), softcap=3.0, dropout_p=0.1,
+                                              cu_seqlens_q_padded=s.kwargs["cu_seqlens_q_padded"])
+    out.float().square().sum().backward()
+    # lengths past the buffers: garbage in, but every access must stay inside the buffers
+    q = torch.randn(20, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    bad_q = torch.tensor([0, 5, 10**6], dtype=torch.int32, device="cuda")
+    bad_k = torch.tensor([0, 7000, 7001], dtype=torch.int32, device="cuda")
+    torch_varlen.flash_attn_varlen_func(q, q, q, bad_q, bad_k, 20, 20).float().sum().backward()
+    torch.cuda.synchronize()
+    print("sanitizer-script-done")
+""")
+
+
+@requires_cuda
+@pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
+def test_gpu_compute_sanitizer_memcheck_clean():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]))
+    proc = subprocess.run(
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
+         sys.executable, "-c", _SANITIZER_SCRIPT],
+        env=env, capture_output=True, text=True, timeout=900)
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0 and "sanitizer-script-done" in proc.stdout, tail
+    assert "ERROR SUMMARY: 0 errors" in proc.stdout, tail
+

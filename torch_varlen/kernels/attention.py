@@ -1,0 +1,813 @@
+"""Triton varlen attention, forward and backward: the CUDA kernels of torch.ops.varlen.attention_*.
+
+Semantics are reference.attention's (DESIGN.md "Semantics"). Layout: q (total_q, H, D),
+k (total_k, Hk, D), v (total_k, Hk, Dv), any strides; cu_seqlens int32 (batch+1,).
+
+Launch without host sync (DESIGN.md rule 4). A kernel over query tiles of BLOCK_M rows gives
+sequence b the tile ids ``g(b) .. g(b+1)-1`` with ``g(b) = cu_seqlens_q[b] // BLOCK_M + b``:
+since ``g(b+1) - g(b) >= ceil(L_b / BLOCK_M)`` every tile of b has an id, and
+``g(batch) <= cdiv(total_q, BLOCK_M) + batch``, so the grid ``cdiv(total_q, BLOCK_M) + batch``
+(an upper bound known from shapes alone) covers every tile. Each program finds its sequence by
+counting the b with ``g(b) <= program id`` (one vector load of cu_seqlens) and exits when its
+tile lies past the sequence's end. Programs past ``g(batch)`` zero the rows after the last
+sequence (when there is no ``cu_seqlens_*_padded``; with it the outputs start zeroed), so rows
+outside every sequence give out 0, lse -inf and zero gradients. ``max_seqlen`` is not used.
+
+Key blocks that the window (causal = window_right 0) hides from a whole query tile are never
+visited; blocks that it hides from none of the tile's rows run without a mask.
+
+Precision: q.k and p.v take fp16/bf16 operands with float32 accumulation; float32 inputs use
+full-precision float32 dots (``input_precision="ieee"``, not tf32), so float32 results are as
+accurate as PyTorch's float32 math. float64 is not supported on CUDA (the CPU kernel has it).
+
+Backward: a delta pass (D = rowsum(dO * O) - dlse), a pass over key tiles that accumulates dK
+and dV (GQA: over the group's query heads in a fixed order) and a pass over query tiles for dQ.
+There are no atomics, so the backward is always bitwise reproducible (``deterministic`` changes
+nothing here).
+
+Dropout: keep(head h, packed query row r = cu_seqlens_q[b] + i, key column j) is
+``philox(seed, (j, r, h, offset & 0xffffffff))[0] >= threshold`` (_C/philox.h), with seed and
+offset loaded in the kernel from the int64 rng_state tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..meta.attention import check_attention_shapes
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Set by tests: allocate outputs filled with NaN so that a row the kernels fail to write shows.
+_poison_outputs = False
+
+LOG2E = 1.4426950408889634
+_BLOCK_B = 256  # cu_seqlens entries read per vector load when locating a tile's sequence
+_MAX_HEADDIM = 256
+
+
+# ---------------------------------------------------------------- device helpers
+
+
+@triton.jit
+def _locate_tile(CU, batch, t, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """-> (b, tile index inside b) for tile id t; b == batch for ids past the last sequence.
+
+    BLOCK: rows per tile; BLOCK_B: cu_seqlens entries read per vector load.
+    """
+    b = t * 0
+    for c in range(1, batch + 1, BLOCK_B):
+        idx = c + tl.arange(0, BLOCK_B)
+        inb = idx <= batch
+        g = tl.load(CU + idx, mask=inb, other=0) // BLOCK + idx
+        b += tl.sum(((g <= t) & inb).to(tl.int32), 0)
+    return b, t - (tl.load(CU + b) // BLOCK + b)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through exp2, exact at +-inf and within float32 rounding elsewhere.
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _scores(qk, ii, jj, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
+            slope_log2, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, MASK: tl.constexpr):
+    """Scores in log2 units for q.k products qk, query indices ii and key indices jj (any
+    broadcastable orientation). Masked entries are -inf.
+
+    HAS_SOFTCAP: apply softcap * tanh(s / softcap); HAS_ALIBI: subtract slope * |i + off - j|;
+    MASK: apply the window and the sequence bounds (False for blocks that need no mask).
+    """
+    if HAS_SOFTCAP:
+        s = _tanh(qk * (softmax_scale / softcap)) * (softcap * 1.4426950408889634)
+    else:
+        s = qk * scale_log2
+    if HAS_ALIBI:
+        s = s - slope_log2 * tl.abs(ii + off - jj).to(tl.float32)
+    if MASK:
+        diag = ii + off
+        visible = (ii < Lq) & (jj < Lk)
+        visible = visible & ((window_left < 0) | (jj >= diag - window_left))
+        visible = visible & ((window_right < 0) | (jj <= diag + window_right))
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, offset, head, rows, cols, threshold):
+    """Boolean keep mask for packed query rows and key columns (broadcastable int tensors)."""
+    shape_zero = (rows + cols) * 0
+    c0 = (cols + shape_zero).to(tl.uint32)
+    c1 = (rows + shape_zero).to(tl.uint32)
+    c2 = (shape_zero + head).to(tl.uint32)
+    c3 = (shape_zero + (offset & 0xFFFFFFFF)).to(tl.uint32)
+    word, _, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    return word.to(tl.int64) >= threshold.to(tl.int64)
+
+
+@triton.jit
+def _dropout_mask_fwd_kernel(KEEP, RNG, threshold, head, row0, nrows, ncols,
+                             BLOCK: tl.constexpr):
+    """keep[r, j] for packed rows row0 + r and columns j: exposes _dropout_keep to tests.
+
+    BLOCK: tile edge.
+    """
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    r = pid_r * BLOCK + tl.arange(0, BLOCK)
+    c = pid_c * BLOCK + tl.arange(0, BLOCK)
+    keep = _dropout_keep(tl.load(RNG), tl.load(RNG + 1), head, row0 + r[:, None], c[None, :],
+                         threshold)
+    tl.store(KEEP + r[:, None] * ncols + c[None, :], keep.to(tl.int8),
+             mask=(r[:, None] < nrows) & (c[None, :] < ncols))
+
+
+@triton.jit
+def _block_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Split [lo, hi) into block starts: masked [start, a), unmasked [a, c), masked [c, hi).
+
+    full_lo/full_hi bound the indices whose whole BLOCK needs no mask.
+    """
+    start = (tl.maximum(lo, 0) // BLOCK) * BLOCK
+    a = tl.minimum(tl.maximum(((full_lo + BLOCK - 1) // BLOCK) * BLOCK, start), hi)
+    c = tl.maximum((full_hi // BLOCK) * BLOCK, a)
+    c = tl.minimum(c, tl.maximum(hi, a))
+    return start, a, c
+
+
+# ---------------------------------------------------------------- forward
+
+
+@triton.jit
+def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_lo, n_hi,
+                         offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right,
+                         scale_log2, softmax_scale, softcap, slope_log2,
+                         seed, rng_offset, threshold, head, row0,
+                         stride_kt, stride_vt,
+                         HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
+
+    MASK: these blocks need the window / bounds mask.
+    """
+    for n in range(n_lo, n_hi, BLOCK_N):
+        cols = n + offs_n
+        krow = (sk + cols).to(tl.int64)
+        kin = (krow >= 0) & (krow < total_k)
+        k = tl.load(k_ptrs0 + krow[:, None] * stride_kt,
+                    mask=kin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
+                    scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASK:
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new_safe = m_new
+        p = tl.math.exp2(s - m_new_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_new_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
+                                 threshold)
+            p = tl.where(keep, p, 0.0)
+        v = tl.load(v_ptrs0 + krow[:, None] * stride_vt,
+                    mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
+def _attention_fwd_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
+    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
+    total_q, total_k, batch, group,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+    stride_lh, stride_ab, stride_ah,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (query tile, query head) per program.
+
+    HEADDIM / HEADDIM_V: head dims of q,k / v; BLOCK_D / BLOCK_DV: those rounded up to powers
+    of two; BLOCK_M / BLOCK_N: query rows / key columns per tile; BLOCK_B: see _locate_tile;
+    HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; ZERO_TAIL: zero the rows after the last
+    sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot input_precision.
+    """
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b, mt = _locate_tile(CU_Q, batch, t, BLOCK_M, BLOCK_B)
+    if b >= batch:
+        if ZERO_TAIL:
+            rows = (tl.load(CU_Q + batch) + mt * BLOCK_M + offs_m).to(tl.int64)
+            rin = (rows >= 0) & (rows < total_q)
+            tl.store(OUT + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
+                     tl.zeros((BLOCK_M, BLOCK_DV), OUT.dtype.element_ty),
+                     mask=rin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+            tl.store(LSE + h * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), tl.float32),
+                     mask=rin)
+        return
+    row0 = tl.load(CU_Q + b)
+    Lq = tl.load(CU_Q + b + 1) - row0
+    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    m0 = mt * BLOCK_M
+    if m0 >= Lq:
+        return
+    sq = tl.load(START_Q + b)
+    sk = tl.load(START_K + b)
+    off = Lk - Lq
+    offs_m = m0 + offs_m  # logical query index inside the sequence
+    qrow = (sq + offs_m).to(tl.int64)
+    qin = (offs_m < Lq) & (qrow >= 0) & (qrow < total_q)
+    q = tl.load(Q + qrow[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+
+    scale_log2 = softmax_scale * 1.4426950408889634
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+
+    # Key range any row of the tile may see, and the part every row sees whole.
+    m1 = tl.minimum(m0 + BLOCK_M, Lq)
+    lo = 0
+    full_lo = 0
+    if window_left >= 0:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        full_lo = m1 - 1 + off - window_left
+    hi = Lk
+    full_hi = Lk
+    if window_right >= 0:
+        hi = tl.minimum(m1 + off + window_right, Lk)
+        full_hi = tl.minimum(m0 + off + window_right + 1, Lk)
+    n_start, n_a, n_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n, offs_d,
+        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
+        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        True, DOT_PRECISION)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_a, n_c, offs_m, offs_n, offs_d,
+        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
+        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        False, DOT_PRECISION)
+    acc, l_i, m_i = _attention_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_c, hi, offs_m, offs_n, offs_d,
+        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
+        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        True, DOT_PRECISION)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+                   float("-inf"))
+    tl.store(OUT + qrow[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
+             out.to(OUT.dtype.element_ty), mask=qin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+    tl.store(LSE + h * stride_lh + qrow, lse, mask=qin)
+
+
+# ---------------------------------------------------------------- backward
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(OUT, DOUT, DLSE, DELTA, total_q,
+                                stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
+                                stride_dlh, stride_dlt,
+                                HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                                BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+    """delta[h, r] = sum_d dO[r, h, d] * O[r, h, d] - dlse[h, r] over every buffer row.
+
+    HEADDIM_V / BLOCK_DV: v head dim and its power of two; BLOCK_M: rows per program;
+    HAS_DLSE: a gradient of softmax_lse is given.
+    """
+    h = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rin = rows < total_q
+    mask = rin[:, None] & (offs_dv[None, :] < HEADDIM_V)
+    o = tl.load(OUT + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DOUT + rows[:, None] * stride_dot + h * stride_doh + offs_dv[None, :] * stride_dod,
+                 mask=mask, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + h * stride_dlh + rows * stride_dlt, mask=rin, other=0.0).to(tl.float32)
+    tl.store(DELTA + h * total_q + rows, delta, mask=rin)
+
+
+@triton.jit
+def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs0, do_ptrs0, LSE_H, DELTA_H, sq, total_q,
+                              m_lo, m_hi, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk,
+                              window_left, window_right, scale_log2, softmax_scale, softcap,
+                              slope_log2, seed, rng_offset, threshold, dropout_scale, head, row0,
+                              stride_qt, stride_dot,
+                              HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
+                              BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                              MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query blocks [m_lo, m_hi) of one query head.
+
+    Works on transposed tiles (keys x queries). MASK: these blocks need the mask.
+    """
+    for m in range(m_lo, m_hi, BLOCK_M):
+        rows = m + offs_m
+        qrow = (sq + rows).to(tl.int64)
+        qin = (rows < Lq) & (qrow >= 0) & (qrow < total_q)
+        q = tl.load(q_ptrs0 + qrow[:, None] * stride_qt,
+                    mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+        do = tl.load(do_ptrs0 + qrow[:, None] * stride_dot,
+                     mask=qin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        lse = tl.load(LSE_H + qrow, mask=qin, other=0.0)
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        delta = tl.load(DELTA_H + qrow, mask=qin, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        sT = _scores(qkT, rows[None, :], offs_n[:, None], off, Lq, Lk, window_left, window_right,
+                     scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
+        pT = tl.math.exp2(sT - lse[None, :])
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, head, row0 + rows[None, :], offs_n[:, None],
+                                 threshold)
+            pdT = tl.where(keep, pT * dropout_scale, 0.0)
+            dpT = tl.where(keep, dpT * dropout_scale, 0.0)
+        else:
+            pdT = pT
+        dv += tl.dot(pdT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            tT = _tanh(qkT * (softmax_scale / softcap))
+            dsT = dsT * (1.0 - tT * tT)
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
+def _attention_bwd_dkdv_kernel(
+    Q, K, V, DOUT, LSE, DELTA, DK, DV, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
+    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
+    total_q, total_k, batch, group,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd,
+    stride_lh, stride_ab, stride_ah,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (key tile, kv head) per program; loops over the group's query heads in order.
+
+    Constexprs as in _attention_fwd_kernel; BLOCK_N key rows per tile, BLOCK_M query rows per
+    step; ZERO_TAIL: zero dK/dV rows after the last sequence (no cu_seqlens_k_padded).
+    """
+    t = tl.program_id(0)
+    hk = tl.program_id(1).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b, nt = _locate_tile(CU_K, batch, t, BLOCK_N, BLOCK_B)
+    if b >= batch:
+        if ZERO_TAIL:
+            rows = (tl.load(CU_K + batch) + nt * BLOCK_N + offs_n).to(tl.int64)
+            rin = (rows >= 0) & (rows < total_k)
+            tl.store(DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :] * stride_dkd,
+                     tl.zeros((BLOCK_N, BLOCK_D), DK.dtype.element_ty),
+                     mask=rin[:, None] & (offs_d[None, :] < HEADDIM))
+            tl.store(DV + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :] * stride_dvd,
+                     tl.zeros((BLOCK_N, BLOCK_DV), DV.dtype.element_ty),
+                     mask=rin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+        return
+    row0 = tl.load(CU_Q + b)
+    Lq = tl.load(CU_Q + b + 1) - row0
+    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    n0 = nt * BLOCK_N
+    if n0 >= Lk:
+        return
+    sq = tl.load(START_Q + b)
+    sk = tl.load(START_K + b)
+    off = Lk - Lq
+    offs_n = n0 + offs_n  # logical key index inside the sequence
+    krow = (sk + offs_n).to(tl.int64)
+    kin = (offs_n < Lk) & (krow >= 0) & (krow < total_k)
+    k = tl.load(K + krow[:, None] * stride_kt + hk * stride_kh + offs_d[None, :] * stride_kd,
+                mask=kin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+    v = tl.load(V + krow[:, None] * stride_vt + hk * stride_vh + offs_dv[None, :] * stride_vd,
+                mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+
+    # Query range that may see any key of the tile, and the part that sees all of them.
+    n1 = tl.minimum(n0 + BLOCK_N, Lk)
+    lo = 0
+    full_lo = 0
+    if window_right >= 0:
+        lo = tl.maximum(n0 - off - window_right, 0)
+        full_lo = n1 - 1 - off - window_right
+    hi = Lq
+    full_hi = Lq
+    if window_left >= 0:
+        hi = tl.minimum(n1 - off + window_left, Lq)
+        full_hi = tl.minimum(n0 - off + window_left + 1, Lq)
+    m_start, m_a, m_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_M)
+
+    scale_log2 = softmax_scale * 1.4426950408889634
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        slope_log2 = 0.0
+        if HAS_ALIBI:
+            slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+        q_ptrs0 = Q + h * stride_qh + offs_d[None, :] * stride_qd
+        do_ptrs0 = DOUT + h * stride_doh + offs_dv[None, :] * stride_dod
+        lse_h = LSE + h * stride_lh
+        delta_h = DELTA + h * total_q
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_start, m_a, offs_m,
+            offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+            softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, True, DOT_PRECISION)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_a, m_c, offs_m,
+            offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+            softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, False, DOT_PRECISION)
+        dk, dv = _attention_bwd_dkdv_inner(
+            dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_c, hi, offs_m,
+            offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+            softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            HAS_DROPOUT, True, DOT_PRECISION)
+    tl.store(DK + krow[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :] * stride_dkd,
+             (dk * softmax_scale).to(DK.dtype.element_ty),
+             mask=kin[:, None] & (offs_d[None, :] < HEADDIM))
+    tl.store(DV + krow[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+
+
+@triton.jit
+def _attention_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_lo, n_hi,
+                            offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left,
+                            window_right, scale_log2, softmax_scale, softcap, slope_log2,
+                            seed, rng_offset, threshold, dropout_scale, head, row0,
+                            stride_kt, stride_vt,
+                            HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                            HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                            MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key blocks [n_lo, n_hi). MASK: blocks need the mask."""
+    for n in range(n_lo, n_hi, BLOCK_N):
+        cols = n + offs_n
+        krow = (sk + cols).to(tl.int64)
+        kin = (krow >= 0) & (krow < total_k)
+        k = tl.load(k_ptrs0 + krow[:, None] * stride_kt,
+                    mask=kin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+        v = tl.load(v_ptrs0 + krow[:, None] * stride_vt,
+                    mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
+                    scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
+                                 threshold)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            tq = _tanh(qk * (softmax_scale / softcap))
+            ds = ds * (1.0 - tq * tq)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
+def _attention_bwd_dq_kernel(
+    Q, K, V, DOUT, LSE, DELTA, DQ, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
+    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
+    total_q, total_k, batch, group,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+    stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_ab, stride_ah,
+    HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One (query tile, query head) per program. Constexprs as in _attention_fwd_kernel."""
+    t = tl.program_id(0)
+    h = tl.program_id(1).to(tl.int64)
+    hk = h // group
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b, mt = _locate_tile(CU_Q, batch, t, BLOCK_M, BLOCK_B)
+    if b >= batch:
+        if ZERO_TAIL:
+            rows = (tl.load(CU_Q + batch) + mt * BLOCK_M + offs_m).to(tl.int64)
+            rin = (rows >= 0) & (rows < total_q)
+            tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
+                     tl.zeros((BLOCK_M, BLOCK_D), DQ.dtype.element_ty),
+                     mask=rin[:, None] & (offs_d[None, :] < HEADDIM))
+        return
+    row0 = tl.load(CU_Q + b)
+    Lq = tl.load(CU_Q + b + 1) - row0
+    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    m0 = mt * BLOCK_M
+    if m0 >= Lq:
+        return
+    sq = tl.load(START_Q + b)
+    sk = tl.load(START_K + b)
+    off = Lk - Lq
+    offs_m = m0 + offs_m
+    qrow = (sq + offs_m).to(tl.int64)
+    qin = (offs_m < Lq) & (qrow >= 0) & (qrow < total_q)
+    q = tl.load(Q + qrow[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
+                mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+    do = tl.load(DOUT + qrow[:, None] * stride_dot + h * stride_doh + offs_dv[None, :] * stride_dod,
+                 mask=qin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+    lse = tl.load(LSE + h * stride_lh + qrow, mask=qin, other=0.0)
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    delta = tl.load(DELTA + h * total_q + qrow, mask=qin, other=0.0)
+
+    scale_log2 = softmax_scale * 1.4426950408889634
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+
+    m1 = tl.minimum(m0 + BLOCK_M, Lq)
+    lo = 0
+    full_lo = 0
+    if window_left >= 0:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        full_lo = m1 - 1 + off - window_left
+    hi = Lk
+    full_hi = Lk
+    if window_right >= 0:
+        hi = tl.minimum(m1 + off + window_right, Lk)
+        full_hi = tl.minimum(m0 + off + window_right + 1, Lk)
+    n_start, n_a, n_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_N)
+
+    k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
+    v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n,
+        offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
+        softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        True, DOT_PRECISION)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_a, n_c, offs_m, offs_n,
+        offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
+        softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        False, DOT_PRECISION)
+    dq = _attention_bwd_dq_inner(
+        dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_c, hi, offs_m, offs_n,
+        offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
+        softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        True, DOT_PRECISION)
+    tl.store(DQ + qrow[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
+             (dq * softmax_scale).to(DQ.dtype.element_ty),
+             mask=qin[:, None] & (offs_d[None, :] < HEADDIM))
+
+
+# ---------------------------------------------------------------- launchers
+
+# Tile configs keyed by the padded head dim max(BLOCK_D, BLOCK_DV):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Measured on an H200 (benchmarks/NOTES.md); no
+# autotuning, so the first call of a shape costs one compile per kernel and nothing more.
+_FWD_CONFIGS = {16: (64, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
+                128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+_DKDV_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+                 128: (32, 64, 4, 3), 256: (32, 64, 8, 1)}
+_DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
+               128: (128, 64, 8, 3), 256: (64, 32, 8, 1)}
+# float32 tiles are twice the bytes: halve both tile edges.
+# Under TRITON_INTERPRET=1 (CI on the CPU) small, unequal tiles keep runs fast and catch
+# a BLOCK_M / BLOCK_N mix-up.
+_INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+
+
+def _config(kind: str, block_d: int, dtype: torch.dtype):
+    if _INTERPRET:
+        return _INTERPRET_CONFIGS[kind]
+    table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
+    block_m, block_n, warps, stages = table[block_d]
+    if dtype == torch.float32:
+        block_m, block_n, stages = max(block_m // 2, 16), max(block_n // 2, 16), min(stages, 2)
+    return block_m, block_n, warps, stages
+
+
+def _block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _dropout_threshold(p: float) -> int:
+    return min(int(math.floor(p * 4294967296.0)), 0xFFFFFFFF)
+
+
+def _check_supported(q, v, rng_state, dropout_p):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"Triton varlen attention supports float16, bfloat16 and float32 inputs, "
+                        f"got {q.dtype} (float64 runs on the CPU kernel)")
+    if q.shape[2] > _MAX_HEADDIM or v.shape[2] > _MAX_HEADDIM:
+        raise ValueError(f"head dims up to {_MAX_HEADDIM} are supported, got headdim "
+                         f"{q.shape[2]} and headdim_v {v.shape[2]}")
+    if dropout_p > 0 and rng_state.device != q.device:
+        raise ValueError(f"rng_state must be on q's device {q.device}, got {rng_state.device}")
+
+
+class _Common:
+    """Arguments shared by the forward and backward launches."""
+
+    def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
+                 window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
+                 dropout_p, rng_state):
+        check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
+                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
+                               softcap, dropout_p, rng_state)
+        _check_supported(q, v, rng_state, dropout_p)
+        self.batch = cu_seqlens_q.shape[0] - 1
+        self.nheads, self.nheads_k = q.shape[1], k.shape[1]
+        self.block_d, self.block_dv = _block(q.shape[2]), _block(v.shape[2])
+        self.seq = (cu_seqlens_q, cu_seqlens_k,
+                    cu_seqlens_q if cu_seqlens_q_padded is None else cu_seqlens_q_padded,
+                    cu_seqlens_k if cu_seqlens_k_padded is None else cu_seqlens_k_padded)
+        self.padded_q = cu_seqlens_q_padded is not None
+        self.padded_k = cu_seqlens_k_padded is not None
+        if alibi_slopes is None:
+            self.alibi, self.alibi_strides = cu_seqlens_q, (0, 0)
+        elif alibi_slopes.dim() == 1:
+            self.alibi, self.alibi_strides = alibi_slopes, (0, alibi_slopes.stride(0))
+        else:
+            self.alibi, self.alibi_strides = alibi_slopes, alibi_slopes.stride()
+        has_dropout = dropout_p > 0
+        self.rng = rng_state if has_dropout else cu_seqlens_q
+        self.values = (float(softmax_scale), float(softcap), int(window_left), int(window_right),
+                       1.0 / (1.0 - dropout_p), _dropout_threshold(dropout_p) if has_dropout else 0,
+                       q.shape[0], k.shape[0], self.batch, self.nheads // self.nheads_k)
+        self.flags = dict(HEADDIM=q.shape[2], HEADDIM_V=v.shape[2], BLOCK_D=self.block_d,
+                          BLOCK_DV=self.block_dv, BLOCK_B=_BLOCK_B, HAS_SOFTCAP=softcap > 0,
+                          HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=has_dropout,
+                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+        self.block_max = max(self.block_d, self.block_dv)
+
+    def grid(self, total, block, heads):
+        return (triton.cdiv(total, block) + self.batch, heads)
+
+
+def _device(t):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _new(like_shape_fn, zero, *args, **kwargs):
+    """Allocate an output: zeroed where the kernels leave rows untouched (padded layouts),
+    NaN-poisoned under tests, else uninitialized."""
+    if zero:
+        return like_shape_fn(*args, **kwargs).zero_()
+    t = like_shape_fn(*args, **kwargs)
+    return t.fill_(float("nan")) if _poison_outputs else t
+
+
+def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                      softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+                      alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
+                      dropout_p=0.0, rng_state=None, deterministic=False):
+    """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused."""
+    c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
+                softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
+                rng_state)
+    total_q = q.shape[0]
+    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]))
+    lse = q.new_empty((c.nheads, total_q), dtype=torch.float32)
+    if c.padded_q:
+        lse.fill_(float("-inf"))
+    elif _poison_outputs:
+        lse.fill_(float("nan"))
+    block_m, block_n, warps, stages = _config("fwd", c.block_max, q.dtype)
+    grid = c.grid(total_q, block_m, c.nheads)
+    if grid[0] > 0 and total_q > 0:
+        with _device(q):
+            _attention_fwd_kernel[grid](
+                q, k, v, out, lse, *c.seq, c.alibi, c.rng, *c.values,
+                *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+                *c.alibi_strides, BLOCK_M=block_m, BLOCK_N=block_n, ZERO_TAIL=not c.padded_q,
+                num_warps=warps, num_stages=stages, **c.flags)
+    return out, lse
+
+
+def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                       max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
+                       softcap=0.0, alibi_slopes=None, cu_seqlens_q_padded=None,
+                       cu_seqlens_k_padded=None, dropout_p=0.0, rng_state=None,
+                       deterministic=False, grad_lse=None):
+    """varlen::attention_backward on Triton -> (grad_q, grad_k, grad_v).
+
+    Always bitwise reproducible (no atomics), so ``deterministic`` needs no special path.
+    """
+    c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
+                softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
+                rng_state)
+    total_q, total_k = q.shape[0], k.shape[0]
+    expect = {"grad_out": (grad_out, (total_q, c.nheads, v.shape[2])),
+              "out": (out, (total_q, c.nheads, v.shape[2])),
+              "softmax_lse": (softmax_lse, (c.nheads, total_q))}
+    if grad_lse is not None:
+        expect["grad_lse"] = (grad_lse, (c.nheads, total_q))
+    for name, (t, shape) in expect.items():
+        torch._check(tuple(t.shape) == shape,
+                     lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        torch._check(t.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {t.device}")
+    grad_out = grad_out.to(q.dtype)  # autograd gives q's dtype; accept others by casting
+    softmax_lse = softmax_lse.float().contiguous()
+    dq = _new(torch.empty_like, c.padded_q, q)
+    dk = _new(torch.empty_like, c.padded_k, k)
+    dv = _new(torch.empty_like, c.padded_k, v)
+    delta = q.new_empty((c.nheads, total_q), dtype=torch.float32)
+    if total_q == 0 and total_k == 0:
+        return dq, dk, dv
+    dlse = grad_lse if grad_lse is not None else softmax_lse
+    with _device(q):
+        if total_q > 0:
+            delta_block = 64
+            _attention_bwd_delta_kernel[(triton.cdiv(total_q, delta_block), c.nheads)](
+                out, grad_out, dlse, delta, total_q, *out.stride(), *grad_out.stride(),
+                *dlse.stride(), HEADDIM_V=v.shape[2], BLOCK_DV=c.block_dv, BLOCK_M=delta_block,
+                HAS_DLSE=grad_lse is not None)
+        block_m, block_n, warps, stages = _config("dkdv", c.block_max, q.dtype)
+        grid = c.grid(total_k, block_n, c.nheads_k)
+        if grid[0] > 0:
+            _attention_bwd_dkdv_kernel[grid](
+                q, k, v, grad_out, softmax_lse, delta, dk, dv, *c.seq, c.alibi, c.rng, *c.values,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(),
+                *dv.stride(), softmax_lse.stride(0), *c.alibi_strides, BLOCK_M=block_m,
+                BLOCK_N=block_n, ZERO_TAIL=not c.padded_k, num_warps=warps, num_stages=stages,
+                **c.flags)
+        block_m, block_n, warps, stages = _config("dq", c.block_max, q.dtype)
+        grid = c.grid(total_q, block_m, c.nheads)
+        if grid[0] > 0 and total_q > 0:
+            _attention_bwd_dq_kernel[grid](
+                q, k, v, grad_out, softmax_lse, delta, dq, *c.seq, c.alibi, c.rng, *c.values,
+                *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+                softmax_lse.stride(0), *c.alibi_strides, BLOCK_M=block_m, BLOCK_N=block_n,
+                ZERO_TAIL=not c.padded_q, num_warps=warps, num_stages=stages, **c.flags)
+    return dq, dk, dv
+
+
+def dropout_keep_mask(rng_state, head, row0, nrows, ncols, dropout_p):
+    """(nrows, ncols) bool: the dropout keep mask the kernels apply for query head ``head``,
+    packed query rows row0 .. row0+nrows-1 and key columns 0 .. ncols-1 (for tests)."""
+    keep = torch.empty((nrows, ncols), dtype=torch.int8, device=rng_state.device)
+    block = 32
+    with _device(rng_state):
+        _dropout_mask_fwd_kernel[(triton.cdiv(nrows, block), triton.cdiv(ncols, block))](
+            keep, rng_state, _dropout_threshold(dropout_p), head, row0, nrows, ncols, BLOCK=block)
+    return keep.bool()
