@@ -270,8 +270,7 @@ def plot(results, meta, path):
 def record(path: Path, meta, rows):
     """Merge rows into a {"meta": ..., "rows": [...]} results file, replacing older minilm_demo rows."""
     data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
-    data.setdefault("meta", {}).setdefault("minilm_demo", meta)
-    data["meta"]["minilm_demo"] = meta
+    data.setdefault("meta", {})["minilm_demo"] = meta
     data["rows"] = [r for r in data.get("rows", []) if r.get("bench") != "minilm_demo"] + rows
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
