@@ -258,8 +258,8 @@ def plot(results, meta, path):
                 va="center", fontsize=9)
     ax.set_xlabel("sentences / s (higher is better)")
     ax.set_xlim(0, max(values) * 1.18)
-    ax.set_title(f"all-MiniLM-L6-v2 on {meta['sentences']} KJV sentences, {meta['device']}, {meta['dtype']}, "
-                 f"batch {meta['batch_size']}\n{meta['corpus_padding_share']:.0%} of corpus-order positions are padding",
+    ax.set_title(f"all-MiniLM-L6-v2: {meta['sentences']} KJV sentences, batch {meta['batch_size']}, {meta['dtype']}\n"
+                 f"{meta['device']}; {meta['corpus_padding_share']:.0%} of corpus-order positions are padding",
                  fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
