@@ -22,8 +22,12 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py CMakeLists.txt requirements-de
 install: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
+# The main job: embed demo/corpus_kjv.txt with MiniLM four ways (padded HF in corpus order and
+# length-sorted, torch_varlen unpadded eager and compiled). Options: DEMO_ARGS="--help".
 demo: install
-	$(PY) -m torch_varlen.demo $(DEMO_ARGS)
+	$(PY) -m pip install -q -r requirements-demo.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
+	$(PY) demo/minilm_demo.py $(DEMO_ARGS)
 
 test: install test-cpp
 	$(PY) -m pytest -q $(PYTEST_ARGS)
