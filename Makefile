@@ -13,9 +13,10 @@ $(PY):
 
 # Installs torch, the test/demo dependencies and torch_varlen itself (editable, built against
 # that torch). A stamp file keeps a second `make test` from reinstalling.
-$(VENV)/.installed: $(PY) pyproject.toml setup.py CMakeLists.txt requirements-dev.txt
+$(VENV)/.installed: $(PY) pyproject.toml setup.py CMakeLists.txt requirements-dev.txt requirements-nodeps.txt
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
@@ -26,7 +27,6 @@ install: $(VENV)/.installed
 # length-sorted, torch_varlen unpadded eager and compiled). Options: DEMO_ARGS="--help".
 demo: install
 	$(PY) -m pip install -q -r requirements-demo.txt
-	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) demo/minilm_demo.py $(DEMO_ARGS)
 
 test: install test-cpp
