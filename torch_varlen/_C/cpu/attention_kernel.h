@@ -124,6 +124,23 @@ inline void query_range(int64_t n0, int64_t n1, int64_t off, int64_t Lq, int64_t
   *hi = left < 0 ? Lq : imin(Lq, n1 - 1 - off + left + 1);
 }
 
+// A (sequence b, query head h, query block) work item of the forward and dQ passes: kv head
+// hk, rows [m0, m0 + rows) of the Lq queries, physical starts sq / sk of the sequence's query
+// and key rows, and the keys [klo, khi) that at least one of those rows sees.
+struct QueryTile {
+  int64_t b, h, hk, m0, rows, sq, sk, klo, khi;
+};
+
+template <typename P>
+QueryTile query_tile(const P& p, const Block& blk) {
+  const int64_t b = blk.b, Lq = p.len_q(b), Lk = p.len_k(b), off = Lk - Lq;
+  const int64_t m0 = blk.start, rows = imin(kBlockM, Lq - m0);
+  int64_t klo, khi, unused;
+  key_range(m0, off, Lk, p.window_left, p.window_right, &klo, &unused);
+  key_range(m0 + rows - 1, off, Lk, p.window_left, p.window_right, &unused, &khi);
+  return {b, blk.h, blk.h / p.group(), m0, rows, p.start_q[b], p.start_k[b], klo, khi};
+}
+
 // Scratch sizes in acc_t elements (one buffer per thread); layouts in the item functions.
 inline int64_t forward_scratch(int64_t D, int64_t Dv) {
   const int64_t Dp = round_up(D, kPadTo), Dvp = round_up(Dv, kPadTo);
@@ -567,16 +584,9 @@ void forward_items(const Params<scalar_t, acc_t>& p, const Block* blocks, int64_
 #endif
 
   for (int64_t item = begin; item < end; ++item) {
-    const Block blk = blocks[item];
-    const int64_t h = blk.h, b = blk.b, hk = h / p.group();
-    const int64_t Lq = p.len_q(b), Lk = p.len_k(b), off = Lk - Lq;
-    const int64_t m0 = blk.start, rows = imin(BM, Lq - m0);
+    const auto [b, h, hk, m0, rows, sq, sk, klo, khi] = query_tile(p, blocks[item]);
     const int64_t rows_mr = round_up(rows, MR), qn = round_up(rows, NT);
-    const int64_t sq = p.start_q[b], sk = p.start_k[b];
     const scalar_t* qp = p.q + (sq + m0) * p.q_s0 + h * p.q_s1;
-    int64_t klo, khi, unused;
-    key_range(m0, off, Lk, p.window_left, p.window_right, &klo, &unused);
-    key_range(m0 + rows - 1, off, Lk, p.window_left, p.window_right, &unused, &khi);
 
     fill(mrow, 0, qn, ninf);
     fill(lrow, 0, qn, acc_t(0));
@@ -822,15 +832,8 @@ void backward_dq_items(const Params<scalar_t, acc_t>& p, const Block* blocks, in
   int64_t lo[BN], hi[BN];
 
   for (int64_t item = begin; item < end; ++item) {
-    const Block blk = blocks[item];
-    const int64_t h = blk.h, b = blk.b, hk = h / p.group();
-    const int64_t Lq = p.len_q(b), Lk = p.len_k(b), off = Lk - Lq;
-    const int64_t m0 = blk.start, rows = imin(BM, Lq - m0);
-    const int64_t rows_mr = round_up(rows, MR), qn = round_up(rows, NT);
-    const int64_t sq = p.start_q[b], sk = p.start_k[b], row0 = sq + m0;
-    int64_t klo, khi, unused;
-    key_range(m0, off, Lk, p.window_left, p.window_right, &klo, &unused);
-    key_range(m0 + rows - 1, off, Lk, p.window_left, p.window_right, &unused, &khi);
+    const auto [b, h, hk, m0, rows, sq, sk, klo, khi] = query_tile(p, blocks[item]);
+    const int64_t rows_mr = round_up(rows, MR), qn = round_up(rows, NT), row0 = sq + m0;
     load_rows_t(p.q + row0 * p.q_s0 + h * p.q_s1, p.q_s0, rows, qn, D, p.scale, Qt, BM);
     load_rows_t(p.dout + row0 * p.dout_s0 + h * p.dout_s1, p.dout_s0, rows, qn, Dv, acc_t(1), dOt, BM);
     load_row_stats(p, h, row0, rows, lse, dl);
