@@ -142,6 +142,48 @@ def _block_range(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     return start, a, c
 
 
+@triton.jit
+def _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """Key blocks of the query tile [m0, m0 + BLOCK_M): -> (start, a, c, end), the keys
+    [start, end) that any row of the tile may see, split as _block_range does into masked
+    [start, a), unmasked [a, c) (every row sees those blocks whole) and masked [c, end)."""
+    off = Lk - Lq
+    m1 = tl.minimum(m0 + BLOCK_M, Lq)
+    lo = 0
+    full_lo = 0
+    if window_left >= 0:
+        lo = tl.maximum(m0 + off - window_left, 0)
+        full_lo = m1 - 1 + off - window_left
+    hi = Lk
+    full_hi = Lk
+    if window_right >= 0:
+        hi = tl.minimum(m1 + off + window_right, Lk)
+        full_hi = tl.minimum(m0 + off + window_right + 1, Lk)
+    start, a, c = _block_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    return start, a, c, hi
+
+
+@triton.jit
+def _load_rng(RNG, HAS_DROPOUT: tl.constexpr):
+    """(seed, offset) from the int64 rng_state tensor; zeros without dropout."""
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    return seed, rng_offset
+
+
+@triton.jit
+def _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
+    """ALiBi slope of (sequence b, head h) in log2 units; 0 without ALiBi."""
+    slope_log2 = 0.0
+    if HAS_ALIBI:
+        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+    return slope_log2
+
+
 # ---------------------------------------------------------------- forward
 
 
@@ -241,28 +283,11 @@ def _attention_fwd_kernel(
                 mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
 
     scale_log2 = softmax_scale * 1.4426950408889634
-    slope_log2 = 0.0
-    if HAS_ALIBI:
-        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
+    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
 
-    # Key range any row of the tile may see, and the part every row sees whole.
-    m1 = tl.minimum(m0 + BLOCK_M, Lq)
-    lo = 0
-    full_lo = 0
-    if window_left >= 0:
-        lo = tl.maximum(m0 + off - window_left, 0)
-        full_lo = m1 - 1 + off - window_left
-    hi = Lk
-    full_hi = Lk
-    if window_right >= 0:
-        hi = tl.minimum(m1 + off + window_right, Lk)
-        full_hi = tl.minimum(m0 + off + window_right + 1, Lk)
-    n_start, n_a, n_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
+                                                      BLOCK_N)
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
@@ -282,7 +307,7 @@ def _attention_fwd_kernel(
         HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
         False, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_c, hi, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_c, n_end, offs_m, offs_n, offs_d,
         offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
         slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
         HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
@@ -443,18 +468,12 @@ def _attention_bwd_dkdv_kernel(
     m_start, m_a, m_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_M)
 
     scale_log2 = softmax_scale * 1.4426950408889634
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
+    seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        slope_log2 = 0.0
-        if HAS_ALIBI:
-            slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+        slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
         q_ptrs0 = Q + h * stride_qh + offs_d[None, :] * stride_qd
         do_ptrs0 = DOUT + h * stride_doh + offs_dv[None, :] * stride_dod
         lse_h = LSE + h * stride_lh
@@ -571,27 +590,11 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(DELTA + h * total_q + qrow, mask=qin, other=0.0)
 
     scale_log2 = softmax_scale * 1.4426950408889634
-    slope_log2 = 0.0
-    if HAS_ALIBI:
-        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
+    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
 
-    m1 = tl.minimum(m0 + BLOCK_M, Lq)
-    lo = 0
-    full_lo = 0
-    if window_left >= 0:
-        lo = tl.maximum(m0 + off - window_left, 0)
-        full_lo = m1 - 1 + off - window_left
-    hi = Lk
-    full_hi = Lk
-    if window_right >= 0:
-        hi = tl.minimum(m1 + off + window_right, Lk)
-        full_hi = tl.minimum(m0 + off + window_right + 1, Lk)
-    n_start, n_a, n_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_N)
+    n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
+                                                      BLOCK_N)
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
@@ -609,7 +612,7 @@ def _attention_bwd_dq_kernel(
         stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
         False, DOT_PRECISION)
     dq = _attention_bwd_dq_inner(
-        dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_c, hi, offs_m, offs_n,
+        dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_c, n_end, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
         stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
