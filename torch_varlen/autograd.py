@@ -68,7 +68,8 @@ _ATTN_OPTIONAL_TENSORS = ("alibi_slopes", "cu_seqlens_q_padded", "cu_seqlens_k_p
 _ATTN_SCHEMA = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
     "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q_padded",
-    "cu_seqlens_k_padded", "dropout_p", "rng_state", "deterministic",
+    "cu_seqlens_k_padded", "dropout_p", "rng_state", "deterministic", "q_descale", "k_descale",
+    "v_descale", "backend",
 )
 
 
@@ -87,7 +88,7 @@ def _backward_attention(ctx, grad_out, grad_lse):
     dq, dk, dv = _ops.attention_backward(
         grad_out, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"],
         a["softmax_scale"], a["window_left"], a["window_right"], a["softcap"], alibi, cu_q_pad,
-        cu_k_pad, a["dropout_p"], rng_state, a["deterministic"], grad_lse,
+        cu_k_pad, a["dropout_p"], rng_state, a["deterministic"], grad_lse, a["backend"],
     )
     return (dq, dk, dv) + (None,) * (len(_ATTN_SCHEMA) - 3)
 

@@ -41,19 +41,25 @@ TORCH_LIBRARY(varlen, m) {
   // dropout_p > 0. deterministic only affects the backward; it is here so autograd sees it.
   // The backward takes the gradient of softmax_lse too (optional): dS = P * (dP - (D - dlse))
   // with D = rowsum(dO * O), so a loss that uses lse is differentiated correctly.
+  // FP8 forward: float8_e4m3fn q/k/v with float32 descale factors q_descale (batch, nheads_k)
+  // and k_descale / v_descale (batch, nheads_k) or (1,) per tensor; the op computes with
+  // q*q_descale etc. and returns out in bfloat16 (forward only).
+  // backend: None = automatic (torch_varlen.attention_backend), "torch_varlen" = our kernels,
+  // "fa4" = FlashAttention-4 on CUDA (kernels/fa4.py); the forward's choice goes to the backward.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
       "int window_left=-1, int window_right=-1, float softcap=0.0, "
       "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
       "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
-      "bool deterministic=False) -> (Tensor out, Tensor softmax_lse)");
+      "bool deterministic=False, Tensor? q_descale=None, Tensor? k_descale=None, "
+      "Tensor? v_descale=None, str? backend=None) -> (Tensor out, Tensor softmax_lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor softmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
       "SymInt max_seqlen_k, float softmax_scale, int window_left=-1, int window_right=-1, "
       "float softcap=0.0, Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
       "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
-      "bool deterministic=False, Tensor? grad_lse=None) -> "
+      "bool deterministic=False, Tensor? grad_lse=None, str? backend=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

@@ -723,8 +723,11 @@ def _new(like_shape_fn, zero, *args, **kwargs):
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                       alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
-                      dropout_p=0.0, rng_state=None, deterministic=False):
+                      dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
+                      k_descale=None, v_descale=None, backend=None):
     """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused."""
+    if q_descale is not None or k_descale is not None or v_descale is not None:
+        raise NotImplementedError("FP8 attention (q/k/v_descale) is not implemented on CUDA yet")
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state)
@@ -751,7 +754,7 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
                        softcap=0.0, alibi_slopes=None, cu_seqlens_q_padded=None,
                        cu_seqlens_k_padded=None, dropout_p=0.0, rng_state=None,
-                       deterministic=False, grad_lse=None):
+                       deterministic=False, grad_lse=None, backend=None):
     """varlen::attention_backward on Triton -> (grad_q, grad_k, grad_v).
 
     Always bitwise reproducible (no atomics), so ``deterministic`` needs no special path.

@@ -63,7 +63,8 @@ def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=Non
 def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                             alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
-                            dropout_p=0.0, rng_state=None, deterministic=False):
+                            dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
+                            k_descale=None, v_descale=None, backend=None):
     check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
                            cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state)
     total_q, nheads, _ = q.shape
@@ -77,5 +78,5 @@ def _attention_backward_fake(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, 
                              max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1,
                              window_right=-1, softcap=0.0, alibi_slopes=None,
                              cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, dropout_p=0.0,
-                             rng_state=None, deterministic=False, grad_lse=None):
+                             rng_state=None, deterministic=False, grad_lse=None, backend=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -408,13 +408,24 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 
 // ------------------------------------------------------------------ ops
 
+// The CPU runs our kernels only: None, "auto" and "torch_varlen" select them.
+void check_backend(const std::optional<c10::string_view>& backend) {
+  TORCH_CHECK(!backend || *backend == "auto" || *backend == "torch_varlen",
+              "backend must be None, 'auto' or 'torch_varlen' for CPU tensors ('fa4' needs CUDA), "
+              "got '", std::string(*backend), "'");
+}
+
 std::tuple<Tensor, Tensor> attention_forward_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& cu_seqlens_q,
     const Tensor& cu_seqlens_k, c10::SymInt /*max_seqlen_q*/, c10::SymInt /*max_seqlen_k*/,
     double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
     const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
     const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
-    bool /*deterministic*/) {
+    bool /*deterministic*/, const OptTensor& q_descale, const OptTensor& k_descale,
+    const OptTensor& v_descale, std::optional<c10::string_view> backend) {
+  check_backend(backend);
+  TORCH_CHECK(!q_descale && !k_descale && !v_descale,
+              "q_descale/k_descale/v_descale (FP8 attention) are not implemented on the CPU yet");
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
@@ -459,7 +470,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     double softmax_scale, int64_t window_left, int64_t window_right, double softcap,
     const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
     const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
-    bool /*deterministic*/, const OptTensor& grad_lse) {
+    bool /*deterministic*/, const OptTensor& grad_lse, std::optional<c10::string_view> backend) {
+  check_backend(backend);
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
