@@ -33,6 +33,8 @@ offset loaded in the kernel from the int64 rng_state tensor.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import math
 import os
 
@@ -165,6 +167,34 @@ def _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M: tl.co
 
 
 @triton.jit
+def _clamp_to_buffer(a, c, row0, total, BLOCK: tl.constexpr):
+    """Shrink the unmasked block range [a, c) so that its buffer rows row0 + [a, c) lie inside
+    [0, total): then its loads need no row mask even when cu_seqlens are wrong (the blocks cut
+    off run in the masked loop after it)."""
+    room = tl.maximum(total - row0 - a, 0)
+    c2 = tl.minimum(c, a + (room // BLOCK) * BLOCK)
+    return tl.where(row0 >= 0, tl.maximum(c2, a), a)
+
+
+@triton.jit
+def _load_rows(ptrs0, rows, total, stride_t, offs_c, NCOLS: tl.constexpr, BLOCK_C: tl.constexpr,
+               MASK: tl.constexpr):
+    """Rows ``rows`` (int64) of a (total, ...) buffer: ptrs0 + rows * stride_t, columns offs_c.
+
+    NCOLS / BLOCK_C: valid columns and their power of two; MASK: rows may fall outside
+    [0, total) (False: the caller guarantees they do not, so only column padding is masked).
+    """
+    if MASK:
+        return tl.load(ptrs0 + rows[:, None] * stride_t,
+                       mask=((rows >= 0) & (rows < total))[:, None] & (offs_c[None, :] < NCOLS),
+                       other=0.0)
+    elif NCOLS == BLOCK_C:
+        return tl.load(ptrs0 + rows[:, None] * stride_t)
+    else:
+        return tl.load(ptrs0 + rows[:, None] * stride_t, mask=offs_c[None, :] < NCOLS, other=0.0)
+
+
+@triton.jit
 def _load_rng(RNG, HAS_DROPOUT: tl.constexpr):
     """(seed, offset) from the int64 rng_state tensor; zeros without dropout."""
     seed = 0
@@ -188,7 +218,8 @@ def _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr
 
 
 @triton.jit
-def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_lo, n_hi,
+def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, desc_col_k,
+                         desc_col_v, sk, total_k, n_lo, n_hi,
                          offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right,
                          scale_log2, softmax_scale, softcap, slope_log2,
                          seed, rng_offset, threshold, head, row0,
@@ -196,17 +227,22 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_lo, 
                          HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
+                         USE_TMA: tl.constexpr, P_SCALE: tl.constexpr,
                          DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
-    MASK: these blocks need the window / bounds mask.
+    MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
+    tensor descriptors K_DESC / V_DESC (columns desc_col_*) instead of pointers (unmasked
+    blocks only); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
+    so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out).
     """
     for n in range(n_lo, n_hi, BLOCK_N):
         cols = n + offs_n
         krow = (sk + cols).to(tl.int64)
-        kin = (krow >= 0) & (krow < total_k)
-        k = tl.load(k_ptrs0 + krow[:, None] * stride_kt,
-                    mask=kin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+        if USE_TMA and not MASK:
+            k = K_DESC.load([(sk + n).to(tl.int32), desc_col_k])
+        else:
+            k = _load_rows(k_ptrs0, krow, total_k, stride_kt, offs_d, HEADDIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
                     scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
@@ -222,8 +258,12 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_lo, 
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
                                  threshold)
             p = tl.where(keep, p, 0.0)
-        v = tl.load(v_ptrs0 + krow[:, None] * stride_vt,
-                    mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        if USE_TMA and not MASK:
+            v = V_DESC.load([(sk + n).to(tl.int32), desc_col_v])
+        else:
+            v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
+        if P_SCALE != 1.0:
+            p = p * P_SCALE
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -231,23 +271,31 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_lo, 
 
 @triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
 def _attention_fwd_kernel(
-    Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
+    Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG, K_DESC, V_DESC,
+    Q_DESCALE, K_DESCALE, V_DESCALE,
     softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
     total_q, total_k, batch, group,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
-    stride_lh, stride_ab, stride_ah,
+    stride_lh, stride_ab, stride_ah, stride_qdb, stride_qdh, stride_kdb, stride_kdh,
+    stride_vdb, stride_vdh,
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
+    P_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One (query tile, query head) per program.
 
     HEADDIM / HEADDIM_V: head dims of q,k / v; BLOCK_D / BLOCK_DV: those rounded up to powers
     of two; BLOCK_M / BLOCK_N: query rows / key columns per tile; BLOCK_B: see _locate_tile;
-    HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; ZERO_TAIL: zero the rows after the last
-    sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot input_precision.
+    HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; HAS_DESCALE: FP8 inputs with descale
+    factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
+    USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
+    (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
+    causal window it has the most keys); P_SCALE: see _attention_fwd_inner; ZERO_TAIL: zero the
+    rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot
+    input_precision.
     """
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -273,6 +321,8 @@ def _attention_fwd_kernel(
     m0 = mt * BLOCK_M
     if m0 >= Lq:
         return
+    if REVERSE:
+        m0 = (tl.cdiv(Lq, BLOCK_M) - 1 - mt) * BLOCK_M
     sq = tl.load(START_Q + b)
     sk = tl.load(START_K + b)
     off = Lk - Lq
@@ -282,41 +332,49 @@ def _attention_fwd_kernel(
     q = tl.load(Q + qrow[:, None] * stride_qt + h * stride_qh + offs_d[None, :] * stride_qd,
                 mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
 
+    if HAS_DESCALE:
+        softmax_scale = softmax_scale * (tl.load(Q_DESCALE + b * stride_qdb + hk * stride_qdh)
+                                         * tl.load(K_DESCALE + b * stride_kdb + hk * stride_kdh))
     scale_log2 = softmax_scale * 1.4426950408889634
     slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
 
     n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
                                                       BLOCK_N)
+    n_c = _clamp_to_buffer(n_a, n_c, sk, total_k, BLOCK_N)
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
+    col_k = (hk * HEADDIM).to(tl.int32)
+    col_v = (hk * HEADDIM_V).to(tl.int32)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n, offs_d,
-        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
-        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
-        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        True, DOT_PRECISION)
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_start,
+        n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+        softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
+        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_a, n_c, offs_m, offs_n, offs_d,
-        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
-        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
-        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        False, DOT_PRECISION)
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
+        n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+        softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
+        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
-        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, sk, total_k, n_c, n_end, offs_m, offs_n, offs_d,
-        offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale, softcap,
-        slope_log2, seed, rng_offset, threshold, h, row0, stride_kt, stride_vt,
-        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-        True, DOT_PRECISION)
+        acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
+        n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
+        softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
+        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
         out = out * dropout_scale
+    if HAS_DESCALE:
+        out = out * (tl.load(V_DESCALE + b * stride_vdb + hk * stride_vdh) / P_SCALE)
     lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(OUT + qrow[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
@@ -360,6 +418,7 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs0, do_ptrs0, LSE_H, DELTA_H, s
                               slope_log2, seed, rng_offset, threshold, dropout_scale, head, row0,
                               stride_qt, stride_dot,
                               HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
+                              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                               BLOCK_M: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                               MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -370,14 +429,16 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs0, do_ptrs0, LSE_H, DELTA_H, s
     for m in range(m_lo, m_hi, BLOCK_M):
         rows = m + offs_m
         qrow = (sq + rows).to(tl.int64)
-        qin = (rows < Lq) & (qrow >= 0) & (qrow < total_q)
-        q = tl.load(q_ptrs0 + qrow[:, None] * stride_qt,
-                    mask=qin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
-        do = tl.load(do_ptrs0 + qrow[:, None] * stride_dot,
-                     mask=qin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
-        lse = tl.load(LSE_H + qrow, mask=qin, other=0.0)
+        q = _load_rows(q_ptrs0, qrow, total_q, stride_qt, offs_d, HEADDIM, BLOCK_D, MASK)
+        do = _load_rows(do_ptrs0, qrow, total_q, stride_dot, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
+        if MASK:
+            qin = (rows < Lq) & (qrow >= 0) & (qrow < total_q)
+            lse = tl.load(LSE_H + qrow, mask=qin, other=0.0)
+            delta = tl.load(DELTA_H + qrow, mask=qin, other=0.0)
+        else:
+            lse = tl.load(LSE_H + qrow)
+            delta = tl.load(DELTA_H + qrow)
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(DELTA_H + qrow, mask=qin, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         sT = _scores(qkT, rows[None, :], offs_n[:, None], off, Lq, Lk, window_left, window_right,
                      scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
@@ -466,6 +527,7 @@ def _attention_bwd_dkdv_kernel(
         hi = tl.minimum(n1 - off + window_left, Lq)
         full_hi = tl.minimum(n0 - off + window_left + 1, Lq)
     m_start, m_a, m_c = _block_range(lo, hi, full_lo, full_hi, BLOCK_M)
+    m_c = _clamp_to_buffer(m_a, m_c, sq, total_q, BLOCK_M)
 
     scale_log2 = softmax_scale * 1.4426950408889634
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
@@ -482,19 +544,19 @@ def _attention_bwd_dkdv_kernel(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_start, m_a, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
             HAS_DROPOUT, True, DOT_PRECISION)
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_a, m_c, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
             HAS_DROPOUT, False, DOT_PRECISION)
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_c, hi, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
             HAS_DROPOUT, True, DOT_PRECISION)
     tl.store(DK + krow[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :] * stride_dkd,
              (dk * softmax_scale).to(DK.dtype.element_ty),
@@ -510,6 +572,7 @@ def _attention_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k
                             seed, rng_offset, threshold, dropout_scale, head, row0,
                             stride_kt, stride_vt,
                             HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr,
+                            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                             BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                             HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                             MASK: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -517,11 +580,8 @@ def _attention_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k
     for n in range(n_lo, n_hi, BLOCK_N):
         cols = n + offs_n
         krow = (sk + cols).to(tl.int64)
-        kin = (krow >= 0) & (krow < total_k)
-        k = tl.load(k_ptrs0 + krow[:, None] * stride_kt,
-                    mask=kin[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
-        v = tl.load(v_ptrs0 + krow[:, None] * stride_vt,
-                    mask=kin[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        k = _load_rows(k_ptrs0, krow, total_k, stride_kt, offs_d, HEADDIM, BLOCK_D, MASK)
+        v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
                     scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
@@ -595,6 +655,7 @@ def _attention_bwd_dq_kernel(
 
     n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
                                                       BLOCK_N)
+    n_c = _clamp_to_buffer(n_a, n_c, sk, total_k, BLOCK_N)
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
@@ -603,19 +664,22 @@ def _attention_bwd_dq_kernel(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT,
         True, DOT_PRECISION)
     dq = _attention_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_a, n_c, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT,
         False, DOT_PRECISION)
     dq = _attention_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_c, n_end, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT,
         True, DOT_PRECISION)
     tl.store(DQ + qrow[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
              (dq * softmax_scale).to(DQ.dtype.element_ty),
@@ -624,9 +688,11 @@ def _attention_bwd_dq_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-# Tile configs keyed by the padded head dim max(BLOCK_D, BLOCK_DV):
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Measured on an H200 (benchmarks/NOTES.md); no
-# autotuning, so the first call of a shape costs one compile per kernel and nothing more.
+# Fallback tile configs keyed by the padded head dim max(BLOCK_D, BLOCK_DV):
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Measured on an H200 (benchmarks/NOTES.md). Tuned
+# entries for a GPU (kernels/tuned_configs.json, written by ``python -m torch_varlen.tune``)
+# take precedence; nothing is tuned at run time, so the first call of a shape costs one compile
+# per kernel and nothing more.
 _FWD_CONFIGS = {16: (64, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
                 128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
 _DKDV_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
@@ -637,16 +703,61 @@ _DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
 # Under TRITON_INTERPRET=1 (CI on the CPU) small, unequal tiles keep runs fast and catch
 # a BLOCK_M / BLOCK_N mix-up.
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
+TUNED_CONFIGS_PATH = os.path.join(os.path.dirname(__file__), "tuned_configs.json")
 
 
-def _config(kind: str, block_d: int, dtype: torch.dtype):
+def mask_kind(window_left: int, window_right: int) -> str:
+    """'full', 'causal' or 'window': the part of a tuning key that the window decides."""
+    if window_left < 0 and window_right < 0:
+        return "full"
+    return "causal" if window_left < 0 and window_right == 0 else "window"
+
+
+def tuning_key(kind: str, dtype: torch.dtype, headdim: int, headdim_v: int, mask: str) -> str:
+    """Key of one tuned entry for one GPU: e.g. 'fwd|bfloat16|128|128|causal'."""
+    return f"{kind}|{str(dtype).replace('torch.', '')}|{headdim}|{headdim_v}|{mask}"
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_name: str) -> dict:
+    path = os.environ.get("TORCH_VARLEN_TUNED_CONFIGS", TUNED_CONFIGS_PATH)
+    try:
+        with open(path) as f:
+            return json.load(f).get("gpus", {}).get(device_name, {})
+    except FileNotFoundError:
+        return {}
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+# A config: tile edges, warps, stages and the forward's switches (see _attention_fwd_kernel).
+_DEFAULT_SWITCHES = {"tma": False, "reverse": False}
+
+
+def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, window_right: int,
+            override: dict | None = None) -> dict:
+    """Launch config of one kernel: an override (the tuner's), else the tuned entry for this
+    GPU, else the fallback table."""
+    if override is not None:
+        return {**_DEFAULT_SWITCHES, **override}
     if _INTERPRET:
-        return _INTERPRET_CONFIGS[kind]
+        block_m, block_n, warps, stages = _INTERPRET_CONFIGS[kind]
+        return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages,
+                    **_DEFAULT_SWITCHES)
+    if q.is_cuda:
+        key = tuning_key(kind, q.dtype, q.shape[2], v.shape[2], mask_kind(window_left, window_right))
+        entry = _tuned_table(_device_name(q.device.index if q.device.index is not None
+                                          else torch.cuda.current_device())).get(key)
+        if entry is not None:
+            return {**_DEFAULT_SWITCHES, **entry}
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
-    block_m, block_n, warps, stages = table[block_d]
-    if dtype == torch.float32:
+    block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
+    if q.dtype == torch.float32:
         block_m, block_n, stages = max(block_m // 2, 16), max(block_n // 2, 16), min(stages, 2)
-    return block_m, block_n, warps, stages
+    return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **_DEFAULT_SWITCHES)
 
 
 def _block(d: int) -> int:
@@ -658,9 +769,10 @@ def _dropout_threshold(p: float) -> int:
 
 
 def _check_supported(q, v, rng_state, dropout_p):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"Triton varlen attention supports float16, bfloat16 and float32 inputs, "
-                        f"got {q.dtype} (float64 runs on the CPU kernel)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn):
+        raise TypeError(f"Triton varlen attention supports float16, bfloat16, float32 and "
+                        f"float8_e4m3fn (forward) inputs, got {q.dtype} (float64 runs on the CPU "
+                        f"kernel)")
     if q.shape[2] > _MAX_HEADDIM or v.shape[2] > _MAX_HEADDIM:
         raise ValueError(f"head dims up to {_MAX_HEADDIM} are supported, got headdim "
                          f"{q.shape[2]} and headdim_v {v.shape[2]}")
@@ -701,7 +813,6 @@ class _Common:
                           BLOCK_DV=self.block_dv, BLOCK_B=_BLOCK_B, HAS_SOFTCAP=softcap > 0,
                           HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=has_dropout,
                           DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        self.block_max = max(self.block_d, self.block_dv)
 
     def grid(self, total, block, heads):
         return (triton.cdiv(total, block) + self.batch, heads)
@@ -720,33 +831,81 @@ def _new(like_shape_fn, zero, *args, **kwargs):
     return t.fill_(float("nan")) if _poison_outputs else t
 
 
+def _descale(t, q):
+    """(tensor, (stride over sequences, stride over kv heads)) of a descale factor; None is 1."""
+    if t is None:
+        return q.new_ones((1,), dtype=torch.float32), (0, 0)
+    if t.dim() == 1:
+        return t, (0, 0)
+    return t, t.stride()
+
+
+def _kv_descriptors(k, v, cfg):
+    """2-D TMA descriptors over (total_k, nheads_k * headdim) for unmasked K/V blocks, or None
+    when the layout does not allow them (then the kernel loads through pointers)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    block_n = cfg["block_n"]
+    descs = []
+    for t in (k, v):
+        total, heads, d = t.shape
+        ok = (t.is_cuda and total > 0 and d == _block(d) and t.stride(2) == 1 and t.stride(1) == d
+              and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
+        if not ok:
+            return None
+        descs.append(TensorDescriptor(t, [total, heads * d], [t.stride(0), 1], [block_n, d]))
+    return descs
+
+
+def _fp8_v_transposed(v):
+    """v (total_k, Hk, Dv) float8 -> the same values as a (total_k, Hk, Dv) view whose rows are
+    contiguous (strides (1, Dv*T, T), T = total_k rounded up to 16): FP8 tensor-core dots want
+    the reduction (key) dimension contiguous in the P @ V operand."""
+    total, heads, dv = v.shape
+    padded = triton.cdiv(max(total, 1), 16) * 16
+    buf = v.new_empty((heads, dv, padded))
+    buf[:, :, :total].copy_(v.permute(1, 2, 0))
+    return buf[:, :, :total].permute(2, 0, 1)
+
+
 def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                       alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                       dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                      k_descale=None, v_descale=None, backend=None):
-    """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused."""
-    if q_descale is not None or k_descale is not None or v_descale is not None:
-        raise NotImplementedError("FP8 attention (q/k/v_descale) is not implemented on CUDA yet")
+                      k_descale=None, v_descale=None, backend=None, config=None):
+    """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused.
+
+    ``config`` (tuner only) overrides the launch config (keys as _config returns).
+    """
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state)
+    fp8 = q.dtype == torch.float8_e4m3fn
     total_q = q.shape[0]
-    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]))
+    out_dtype = torch.bfloat16 if fp8 else q.dtype
+    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype)
     lse = q.new_empty((c.nheads, total_q), dtype=torch.float32)
     if c.padded_q:
         lse.fill_(float("-inf"))
     elif _poison_outputs:
         lse.fill_(float("nan"))
-    block_m, block_n, warps, stages = _config("fwd", c.block_max, q.dtype)
+    cfg = _config("fwd", q, v, window_left, window_right, config)
+    block_m, block_n = cfg["block_m"], cfg["block_n"]
+    descs = _kv_descriptors(k, v, cfg) if cfg["tma"] and not fp8 else None
+    if fp8:
+        v = _fp8_v_transposed(v)
+    (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
+        _descale(t, q) for t in (q_descale, k_descale, v_descale))
     grid = c.grid(total_q, block_m, c.nheads)
     if grid[0] > 0 and total_q > 0:
         with _device(q):
             _attention_fwd_kernel[grid](
-                q, k, v, out, lse, *c.seq, c.alibi, c.rng, *c.values,
-                *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
-                *c.alibi_strides, BLOCK_M=block_m, BLOCK_N=block_n, ZERO_TAIL=not c.padded_q,
-                num_warps=warps, num_stages=stages, **c.flags)
+                q, k, v, out, lse, *c.seq, c.alibi, c.rng, *(descs or (k, v)), qd, kd, vd,
+                *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+                *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
+                BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None, P_SCALE=256.0 if fp8 else 1.0,
+                REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
+                num_stages=cfg["stages"], **c.flags)
     return out, lse
 
 
@@ -754,11 +913,14 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
                        max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1, window_right=-1,
                        softcap=0.0, alibi_slopes=None, cu_seqlens_q_padded=None,
                        cu_seqlens_k_padded=None, dropout_p=0.0, rng_state=None,
-                       deterministic=False, grad_lse=None, backend=None):
+                       deterministic=False, grad_lse=None, backend=None, config=None):
     """varlen::attention_backward on Triton -> (grad_q, grad_k, grad_v).
 
     Always bitwise reproducible (no atomics), so ``deterministic`` needs no special path.
+    ``config`` (tuner only): {"dkdv": ..., "dq": ...} launch config overrides.
     """
+    if q.dtype == torch.float8_e4m3fn:
+        raise TypeError("FP8 attention is forward-only: attention_backward got float8_e4m3fn q")
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state)
@@ -788,7 +950,8 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
                 out, grad_out, dlse, delta, total_q, *out.stride(), *grad_out.stride(),
                 *dlse.stride(), HEADDIM_V=v.shape[2], BLOCK_DV=c.block_dv, BLOCK_M=delta_block,
                 HAS_DLSE=grad_lse is not None)
-        block_m, block_n, warps, stages = _config("dkdv", c.block_max, q.dtype)
+        cfg = _config("dkdv", q, v, window_left, window_right, (config or {}).get("dkdv"))
+        block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
         grid = c.grid(total_k, block_n, c.nheads_k)
         if grid[0] > 0:
             _attention_bwd_dkdv_kernel[grid](
@@ -797,7 +960,8 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
                 *dv.stride(), softmax_lse.stride(0), *c.alibi_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, ZERO_TAIL=not c.padded_k, num_warps=warps, num_stages=stages,
                 **c.flags)
-        block_m, block_n, warps, stages = _config("dq", c.block_max, q.dtype)
+        cfg = _config("dq", q, v, window_left, window_right, (config or {}).get("dq"))
+        block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
         grid = c.grid(total_q, block_m, c.nheads)
         if grid[0] > 0 and total_q > 0:
             _attention_bwd_dq_kernel[grid](
