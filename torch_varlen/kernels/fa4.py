@@ -34,6 +34,7 @@ Three details keep FA4's results equal to our contract (DESIGN.md "Semantics"):
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -61,6 +62,11 @@ def _head_dims_ok(d: int, dv: int, major: int) -> bool:
     return (8 <= d <= 128 and 8 <= dv <= 128) or (d, dv) in ((192, 128), (256, 256))
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
 def supported(q, k, v, *, alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
               dropout_p=0.0, q_descale=None, k_descale=None, v_descale=None,
               capability: Optional[tuple] = None) -> tuple[bool, str]:
@@ -84,7 +90,7 @@ def supported(q, k, v, *, alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlen
     if capability is None:
         if q.device.type != "cuda":
             return False, f"FlashAttention-4 runs on CUDA GPUs only, got {q.device.type} tensors"
-        capability = torch.cuda.get_device_capability(q.device)
+        capability = _capability(q.device.index)
     major = capability[0]
     if major not in _CAPABILITY_MAJORS:
         return False, (f"compute capability {major}.{capability[1]} is not supported by "
@@ -177,7 +183,7 @@ def _like(grad, ref):
     if ref.is_contiguous():
         return grad
     out = torch.empty_like(ref)
-    return out.copy_(grad)
+    return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left=-1, window_right=-1,
