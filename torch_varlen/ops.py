@@ -7,6 +7,7 @@ trailing dims. ``cu_seqlens`` is int32 (B+1,): lengths 2, 4, 3 -> ``[0, 2, 6, 9]
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "pad_input",
     "unpad_input_for_concatenated_sequences",
     "varlen_attention",
+    "attention_backend",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
@@ -92,6 +94,45 @@ def _window(causal: bool, window_size: Sequence[int]):
     return left, (0 if causal else right)
 
 
+# The attention backend used when a call passes backend=None: set by ``attention_backend`` and
+# initialised from TORCH_VARLEN_ATTENTION_BACKEND at import. The public functions read it and
+# pass the string into the op, so under torch.compile it is a constant of the graph: Dynamo
+# guards on this global and recompiles when it changes (no graph break).
+_default_backend: Optional[str] = os.environ.get("TORCH_VARLEN_ATTENTION_BACKEND") or None
+
+
+class attention_backend:
+    """Context manager: attention calls with ``backend=None`` inside it use ``name``.
+
+    ``name``: ``"auto"`` (FlashAttention-4 when installed and able to run the call, else our
+    kernels), ``"torch_varlen"`` (our kernels) or ``"fa4"`` (FlashAttention-4, or an error saying
+    why it cannot run the call). Outside any such block the default is the environment variable
+    ``TORCH_VARLEN_ATTENTION_BACKEND`` (read when torch_varlen is imported), else ``"auto"``.
+    The choice is made when the forward runs; its backward uses the same backend. Enter it
+    outside ``torch.compile``d code: a compiled function recompiles for a new value.
+
+    Example::
+
+        with torch_varlen.attention_backend("torch_varlen"):
+            out = flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    """
+
+    def __init__(self, name: str):
+        if name not in ("auto", "torch_varlen", "fa4"):
+            raise ValueError(f"attention_backend name must be 'auto', 'torch_varlen' or 'fa4', got {name!r}")
+        self.name = name
+
+    def __enter__(self):
+        global _default_backend
+        self._previous, _default_backend = _default_backend, self.name
+        return self
+
+    def __exit__(self, *exc):
+        global _default_backend
+        _default_backend = self._previous
+        return False
+
+
 def new_rng_state(device) -> torch.Tensor:
     """A fresh dropout ``rng_state`` = int64 [seed, offset] drawn from torch's generator."""
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
@@ -103,6 +144,7 @@ def varlen_attention(
     window_size: Sequence[int] = (-1, -1), softcap: float = 0, alibi_slopes=None,
     dropout_p: float = 0, rng_state: Optional[torch.Tensor] = None,
     cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
+    backend: Optional[str] = None,
 ):
     """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
 
@@ -125,7 +167,10 @@ def varlen_attention(
     ``dropout_p`` drops attention weights with the counter-based mask of ``_C/philox.h``,
     keyed by ``rng_state`` = int64 [seed, offset] on q's device (drawn from torch's generator
     when None). ``max_seqlen_*`` (int or SymInt) are sizing hints, never needed for
-    correctness. ``deterministic`` makes the backward bitwise reproducible.
+    correctness. ``deterministic`` makes the backward bitwise reproducible. ``backend``:
+    ``"auto"`` / ``"torch_varlen"`` / ``"fa4"`` (see ``attention_backend``, whose value is used
+    when None); FlashAttention-4 runs bfloat16 / float16 CUDA calls without dropout, ALiBi or
+    padded cu_seqlens on compute capability 9.x / 10.x.
     """
     window_left, window_right = _window(causal, window_size)
     if softmax_scale is None:
@@ -136,6 +181,7 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
         window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q_padded,
         cu_seqlens_k_padded, float(dropout_p), rng_state if dropout_p > 0 else None, deterministic,
+        backend=backend if backend is not None else _default_backend,
     )
 
 
@@ -143,7 +189,7 @@ def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0,
     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0, alibi_slopes=None,
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
-    cu_seqlens_k_padded=None, *, rng_state=None,
+    cu_seqlens_k_padded=None, *, rng_state=None, backend=None,
 ):
     """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
 
@@ -152,6 +198,7 @@ def flash_attn_varlen_func(
     the (B, H, max_seqlen_q, max_seqlen_k) weight matrix after masking and dropout (dropped
     entries 0, kept ones scaled by 1/(1-p), so out = attn_probs @ v). attn_probs is computed
     by the float64 reference for tests and debugging only: it is slow and syncs the host.
+    ``backend`` (keyword): ``"auto"``, ``"torch_varlen"`` or ``"fa4"``, as in ``varlen_attention``.
     """
     if dropout_p > 0 and rng_state is None:
         rng_state = new_rng_state(q.device)
@@ -160,7 +207,7 @@ def flash_attn_varlen_func(
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
         cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
-        deterministic=deterministic,
+        deterministic=deterministic, backend=backend,
     )
     if return_attn_probs:
         return out, lse, _attn_probs(

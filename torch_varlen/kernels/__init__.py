@@ -1,14 +1,17 @@
-"""Triton kernels for CUDA tensors, registered as the CUDA kernels of torch.ops.varlen.*.
+"""CUDA kernels of torch.ops.varlen.attention_forward / attention_backward.
 
-The attention launchers (attention.py) serve varlen::attention_forward / attention_backward on
-CUDA (DESIGN.md rule 4). Triton is imported on the first CUDA call, so importing torch_varlen
-stays cheap and works on machines without Triton or a GPU; without Triton a CUDA call raises
-a clear error.
+Each call runs either FlashAttention-4 (fa4.py, when importable and able to run the call; see
+``fa4.select`` for how the op's ``backend`` argument chooses) or our Triton launchers
+(attention.py, DESIGN.md rule 4). Triton and FA4 are imported on the first CUDA call that needs
+them, so importing torch_varlen stays cheap and works on machines without Triton, FA4 or a GPU;
+without Triton a call that needs it raises a clear error.
 """
 
 import importlib.util
 
 import torch
+
+from . import fa4
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -21,12 +24,40 @@ def _attention():
     return attention
 
 
-def _attention_forward_cuda(*args, **kwargs):
-    return _attention().attention_forward(*args, **kwargs)
+def _attention_forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                            softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
+                            alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
+                            dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
+                            k_descale=None, v_descale=None, backend=None):
+    if fa4.select(backend, q, k, v, alibi_slopes=alibi_slopes,
+                  cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
+                  dropout_p=dropout_p, q_descale=q_descale, k_descale=k_descale,
+                  v_descale=v_descale):
+        return fa4.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
+                           window_right, softcap)
+    return _attention().attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+        window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
+        dropout_p, rng_state, deterministic, q_descale, k_descale, v_descale, backend)
 
 
-def _attention_backward_cuda(*args, **kwargs):
-    return _attention().attention_backward(*args, **kwargs)
+def _attention_backward_cuda(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                             max_seqlen_q, max_seqlen_k, softmax_scale, window_left=-1,
+                             window_right=-1, softcap=0.0, alibi_slopes=None,
+                             cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, dropout_p=0.0,
+                             rng_state=None, deterministic=False, grad_lse=None, backend=None):
+    # The same choice as the forward's: same backend string, same shapes, dtypes and flags.
+    if fa4.select(backend, q, k, v, alibi_slopes=alibi_slopes,
+                  cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
+                  dropout_p=dropout_p):
+        return fa4.backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,
+                            softmax_scale, window_left, window_right, softcap, deterministic,
+                            grad_lse)
+    return _attention().attention_backward(
+        grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+        max_seqlen_k, softmax_scale, window_left, window_right, softcap, alibi_slopes,
+        cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p, rng_state, deterministic, grad_lse,
+        backend)
 
 
 torch.library.register_kernel("varlen::attention_forward", "cuda", _attention_forward_cuda)
