@@ -228,13 +228,14 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
                          USE_TMA: tl.constexpr, P_SCALE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
     MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
     tensor descriptors K_DESC / V_DESC (columns desc_col_*) instead of pointers (unmasked
     blocks only); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
-    so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out).
+    so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out);
+    POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step).
     """
     for n in range(n_lo, n_hi, BLOCK_N):
         cols = n + offs_n
@@ -244,14 +245,19 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
         else:
             k = _load_rows(k_ptrs0, krow, total_k, stride_kt, offs_d, HEADDIM, BLOCK_D, MASK)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
-                    scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASK:
-            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASK or HAS_SOFTCAP or HAS_ALIBI or not POSITIVE_SCALE:
+            s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left,
+                        window_right, scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP,
+                        HAS_ALIBI, MASK)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASK else m_new
+            p = tl.math.exp2(s - m_new_safe[:, None])
         else:
+            # Plain scores: max(qk) * scale is the max of the scaled scores (scale > 0), and the
+            # scaling and max subtraction fuse into one FMA per score.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
@@ -283,7 +289,8 @@ def _attention_fwd_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
-    P_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One (query tile, query head) per program.
 
@@ -293,7 +300,8 @@ def _attention_fwd_kernel(
     factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
     USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
     (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
-    causal window it has the most keys); P_SCALE: see _attention_fwd_inner; ZERO_TAIL: zero the
+    causal window it has the most keys); P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner
+    (with descales the kernel makes it hold by flipping q's sign); ZERO_TAIL: zero the
     rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot
     input_precision.
     """
@@ -335,6 +343,10 @@ def _attention_fwd_kernel(
     if HAS_DESCALE:
         softmax_scale = softmax_scale * (tl.load(Q_DESCALE + b * stride_qdb + hk * stride_qdh)
                                          * tl.load(K_DESCALE + b * stride_kdb + hk * stride_kdh))
+        if softmax_scale < 0:
+            # Keep the scale positive (POSITIVE_SCALE): flip q's sign bit instead, exactly.
+            q = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(q.dtype, bitcast=True)
+            softmax_scale = -softmax_scale
     scale_log2 = softmax_scale * 1.4426950408889634
     slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
@@ -355,19 +367,19 @@ def _attention_fwd_kernel(
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, P_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -748,11 +760,14 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
         return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages,
                     **_DEFAULT_SWITCHES)
     if q.is_cuda:
-        key = tuning_key(kind, q.dtype, q.shape[2], v.shape[2], mask_kind(window_left, window_right))
-        entry = _tuned_table(_device_name(q.device.index if q.device.index is not None
-                                          else torch.cuda.current_device())).get(key)
-        if entry is not None:
-            return {**_DEFAULT_SWITCHES, **entry}
+        table = _tuned_table(_device_name(q.device.index if q.device.index is not None
+                                          else torch.cuda.current_device()))
+        mask = mask_kind(window_left, window_right)
+        # float16 tiles cost what bfloat16 tiles cost: use bfloat16's entry when float16 has none.
+        for dtype in (q.dtype, torch.bfloat16) if q.dtype == torch.float16 else (q.dtype,):
+            entry = table.get(tuning_key(kind, dtype, q.shape[2], v.shape[2], mask))
+            if entry is not None:
+                return {**_DEFAULT_SWITCHES, **entry}
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
     if q.dtype == torch.float32:
@@ -904,6 +919,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None, P_SCALE=256.0 if fp8 else 1.0,
+                POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **c.flags)
     return out, lse
