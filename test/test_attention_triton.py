@@ -351,6 +351,34 @@ def test_gpu_headdims(headdim, poison):
 
 
 @requires_cuda
+@pytest.mark.parametrize("headdim", [64, 128])
+def test_gpu_every_tuner_candidate_matches_reference(headdim, poison):
+    """Each launch config the tuner may pick (tile edges, TMA K/V loads, reverse tile order; and
+    for the backward each dK/dV and dQ tile) computes the reference's numbers."""
+    from torch_varlen import tune
+
+    torch.manual_seed(headdim)
+    for kw, mask in (({"causal": True}, "causal"), ({}, "full")):
+        s = make_attention_sample([700, 0, 129, 1000], [700, 3, 200, 1100], 4, 2, headdim,
+                                  headdim, "cuda", torch.bfloat16, name=f"tune_{mask}", **kw)
+        configs = [(c, None) for c in tune._candidates("fwd", headdim, mask, False)]
+        if headdim == 128:
+            configs += [(None, {kind: c}) for kind in ("dkdv", "dq")
+                        for c in tune._candidates(kind, headdim, mask, False)]
+        for fwd_cfg, bwd_cfg in configs:
+            def run(s, do, dlse, fwd_cfg=fwd_cfg, bwd_cfg=bwd_cfg, **_):
+                args = _launch_args(s)
+                out, lse = triton_attention.attention_forward(*args, config=fwd_cfg)
+                grads = triton_attention.attention_backward(
+                    do.to(s.q.dtype), *args[:3], out, lse, *args[3:], grad_lse=dlse.float(),
+                    config=bwd_cfg)
+                return (out, lse, *grads)
+
+            s.name = f"tune_{mask}_{fwd_cfg}_{bwd_cfg}"
+            _check(s, run)
+
+
+@requires_cuda
 def test_gpu_all_features_with_dropout(poison):
     torch.manual_seed(0)
     slopes = (torch.rand(3, 6) * 0.2).float().cuda()
