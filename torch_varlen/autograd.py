@@ -6,6 +6,8 @@ attention_forward -> backward is attention_backward.
 
 import torch
 
+from .meta.attention import FP8, FP8_BACKWARD_ERROR
+
 _ops = torch.ops.varlen
 
 
@@ -65,6 +67,7 @@ torch.library.register_autograd(
 # attention_forward's arguments, in schema order, split into saved tensors and plain values.
 _ATTN_TENSORS = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
 _ATTN_OPTIONAL_TENSORS = ("alibi_slopes", "cu_seqlens_q_padded", "cu_seqlens_k_padded", "rng_state")
+_ATTN_DESCALES = ("q_descale", "k_descale", "v_descale")
 _ATTN_SCHEMA = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
     "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q_padded",
@@ -79,10 +82,16 @@ def _setup_attention(ctx, inputs, output):
     ctx.save_for_backward(
         *(args[n] for n in _ATTN_TENSORS), out, lse, *(args[n] for n in _ATTN_OPTIONAL_TENSORS)
     )
-    ctx.values = {n: v for n, v in args.items() if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS}
+    # The descales are not kept: FP8 attention has no backward (fp8 tensors may require grad,
+    # so the backward below raises instead of handing fp8 q, k, v to attention_backward).
+    ctx.fp8 = args["q"].dtype == FP8
+    ctx.values = {n: v for n, v in args.items()
+                  if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS + _ATTN_DESCALES}
 
 
 def _backward_attention(ctx, grad_out, grad_lse):
+    if ctx.fp8:
+        raise RuntimeError(FP8_BACKWARD_ERROR)
     q, k, v, cu_q, cu_k, out, lse, alibi, cu_q_pad, cu_k_pad, rng_state = ctx.saved_tensors
     a = ctx.values
     dq, dk, dv = _ops.attention_backward(

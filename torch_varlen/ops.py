@@ -144,7 +144,7 @@ def varlen_attention(
     window_size: Sequence[int] = (-1, -1), softcap: float = 0, alibi_slopes=None,
     dropout_p: float = 0, rng_state: Optional[torch.Tensor] = None,
     cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
-    backend: Optional[str] = None,
+    q_descale=None, k_descale=None, v_descale=None, backend: Optional[str] = None,
 ):
     """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
 
@@ -171,6 +171,15 @@ def varlen_attention(
     ``"auto"`` / ``"torch_varlen"`` / ``"fa4"`` (see ``attention_backend``, whose value is used
     when None); FlashAttention-4 runs bfloat16 / float16 CUDA calls without dropout, ALiBi or
     padded cu_seqlens on compute capability 9.x / 10.x.
+
+    FP8 forward: q, k, v all ``torch.float8_e4m3fn`` (float8_e5m2 is not supported) with
+    float32 ``q_descale`` / ``k_descale`` / ``v_descale``, each None (= 1), ``(1,)`` (per
+    tensor) or ``(B, Hk)`` (per sequence and kv head, as FlashAttention-3; a ``q_descale``
+    entry applies to every query head of that kv head's group). The result is attention of
+    ``q * q_descale``, ``k * k_descale``, ``v * v_descale`` (scores scaled by
+    ``softmax_scale`` as usual); out is bfloat16, lse float32. Causal/window, softcap, ALiBi,
+    GQA and padded ``cu_seqlens`` work; dropout does not (error). Forward only: a backward
+    through an FP8 forward raises.
     """
     window_left, window_right = _window(causal, window_size)
     if softmax_scale is None:
@@ -181,6 +190,7 @@ def varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale),
         window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q_padded,
         cu_seqlens_k_padded, float(dropout_p), rng_state if dropout_p > 0 else None, deterministic,
+        q_descale, k_descale, v_descale,
         backend=backend if backend is not None else _default_backend,
     )
 
@@ -189,7 +199,8 @@ def flash_attn_varlen_func(
     q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0,
     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0, alibi_slopes=None,
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
-    cu_seqlens_k_padded=None, *, rng_state=None, backend=None,
+    cu_seqlens_k_padded=None, *, rng_state=None, q_descale=None, k_descale=None, v_descale=None,
+    backend=None,
 ):
     """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
 
@@ -199,6 +210,7 @@ def flash_attn_varlen_func(
     entries 0, kept ones scaled by 1/(1-p), so out = attn_probs @ v). attn_probs is computed
     by the float64 reference for tests and debugging only: it is slow and syncs the host.
     ``backend`` (keyword): ``"auto"``, ``"torch_varlen"`` or ``"fa4"``, as in ``varlen_attention``.
+    ``q_descale`` / ``k_descale`` / ``v_descale``: the FP8 forward (float8_e4m3fn q, k, v).
     """
     if dropout_p > 0 and rng_state is None:
         rng_state = new_rng_state(q.device)
@@ -207,7 +219,8 @@ def flash_attn_varlen_func(
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
         cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
-        deterministic=deterministic, backend=backend,
+        deterministic=deterministic, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        backend=backend,
     )
     if return_attn_probs:
         return out, lse, _attn_probs(
@@ -215,6 +228,7 @@ def flash_attn_varlen_func(
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
             cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
+            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         )
     return (out, lse) if return_lse else out
 
@@ -222,10 +236,10 @@ def flash_attn_varlen_func(
 def _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
     from . import reference
 
+    if q.dtype != torch.float8_e4m3fn:  # the reference dequantizes FP8 in float64 itself
+        q, k, v = q.double(), k.double(), v.double()
     with torch.no_grad():
-        _, _, probs = reference.attention(
-            q.double(), k.double(), v.double(), cu_seqlens_q, cu_seqlens_k, **kwargs
-        )
+        _, _, probs = reference.attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     out = q.new_zeros((len(probs), q.shape[1], max_seqlen_q, max_seqlen_k), dtype=torch.float32)
     for b, p in enumerate(probs):
         out[b, :, : p.shape[1], : p.shape[2]] = p

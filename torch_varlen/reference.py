@@ -142,6 +142,9 @@ def attention(
     rng_state=None,
     cu_seqlens_q_padded=None,
     cu_seqlens_k_padded=None,
+    q_descale=None,
+    k_descale=None,
+    v_descale=None,
 ):
     """Varlen attention, one sequence at a time -> (out, softmax_lse, probs).
 
@@ -149,7 +152,17 @@ def attention(
     (H, Lq, Lk) matrix per sequence: the attention weights after masking and dropout (dropped
     entries 0, kept ones scaled by 1/(1-p)), so that out = probs @ v. Rows that belong to no
     sequence get out 0 and lse -inf. Differentiable in q, k, v.
+
+    FP8: q, k, v float8_e4m3fn are dequantized in float64, ``q * q_descale`` etc., and the
+    rest runs in float64 (out, lse and probs float64, for comparison with the op's bfloat16
+    out). Each descale is None (1), a (1,) per-tensor factor or a (batch, Hk) factor per
+    sequence and kv head; a q_descale entry applies to the query heads of that kv head's group.
     """
+    fp8 = q.dtype == torch.float8_e4m3fn
+    if not fp8 and any(d is not None for d in (q_descale, k_descale, v_descale)):
+        raise ValueError(f"q/k/v_descale need float8_e4m3fn q, k, v, got {q.dtype}")
+    if fp8:
+        q, k, v = q.double(), k.double(), v.double()
     total_q, nheads, headdim = q.shape
     nheads_k = k.shape[1]
     group = nheads // nheads_k
@@ -169,8 +182,13 @@ def attention(
         lq, lk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
         sq, sk = start_q[b], start_k[b]
         qb = q[sq : sq + lq].transpose(0, 1)  # (H, lq, D)
-        kb = k[sk : sk + lk].transpose(0, 1).repeat_interleave(group, 0)
-        vb = v[sk : sk + lk].transpose(0, 1).repeat_interleave(group, 0)
+        kb = k[sk : sk + lk].transpose(0, 1)  # (Hk, lk, D)
+        vb = v[sk : sk + lk].transpose(0, 1)
+        if fp8:
+            qb = qb * _descale(q_descale, b, nheads_k, q.device).repeat_interleave(group)[:, None, None]
+            kb = kb * _descale(k_descale, b, nheads_k, q.device)[:, None, None]
+            vb = vb * _descale(v_descale, b, nheads_k, q.device)[:, None, None]
+        kb, vb = kb.repeat_interleave(group, 0), vb.repeat_interleave(group, 0)
         s = torch.matmul(qb, kb.transpose(1, 2)) * scale
         if softcap > 0:
             s = softcap * torch.tanh(s / softcap)
@@ -198,3 +216,11 @@ def attention(
         lse[:, sq : sq + lq] = row_lse.to(lse_dtype)
         probs.append(p)
     return outs, lse, probs
+
+
+def _descale(descale, b, nheads_k, device):
+    """The float64 (Hk,) factors of sequence b: 1 for None, per tensor (1,), per (batch, Hk)."""
+    if descale is None:
+        return torch.ones(nheads_k, dtype=torch.float64, device=device)
+    d = descale.to(device, torch.float64)
+    return d.expand(nheads_k) if d.dim() == 1 else d[b]

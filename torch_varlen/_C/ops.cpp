@@ -41,9 +41,10 @@ TORCH_LIBRARY(varlen, m) {
   // dropout_p > 0. deterministic only affects the backward; it is here so autograd sees it.
   // The backward takes the gradient of softmax_lse too (optional): dS = P * (dP - (D - dlse))
   // with D = rowsum(dO * O), so a loss that uses lse is differentiated correctly.
-  // FP8 forward: float8_e4m3fn q/k/v with float32 descale factors q_descale (batch, nheads_k)
-  // and k_descale / v_descale (batch, nheads_k) or (1,) per tensor; the op computes with
-  // q*q_descale etc. and returns out in bfloat16 (forward only).
+  // FP8 forward: float8_e4m3fn q/k/v with float32 descale factors q/k/v_descale, each None
+  // (= 1), (1,) per tensor or (batch, nheads_k) per sequence and kv head (q_descale covers
+  // the query heads of the kv head's group); the op computes with q*q_descale etc. and returns
+  // out in bfloat16, lse float32. No dropout; forward only (the backward rejects FP8).
   // backend: None = automatic (torch_varlen.attention_backend), "torch_varlen" = our kernels,
   // "fa4" = FlashAttention-4 on CUDA (kernels/fa4.py); the forward's choice goes to the backward.
   m.def(

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..meta.attention import check_attention_shapes
+from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -227,13 +227,15 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                         USE_TMA: tl.constexpr, P_SCALE: tl.constexpr,
-                         POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         USE_TMA: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr,
+                         P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
     MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
     tensor descriptors K_DESC / V_DESC (columns desc_col_*) instead of pointers (unmasked
-    blocks only); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
+    blocks only); V_KEYS_CONTIGUOUS: V is laid out keys-fastest (FP8) and V_DESC is a
+    descriptor over (nheads_k * headdim_v, keys); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
     so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out);
     POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step).
     """
@@ -264,7 +266,9 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
                                  threshold)
             p = tl.where(keep, p, 0.0)
-        if USE_TMA and not MASK:
+        if USE_TMA and not MASK and V_KEYS_CONTIGUOUS:
+            v = tl.trans(V_DESC.load([desc_col_v, (sk + n).to(tl.int32)]))
+        elif USE_TMA and not MASK:
             v = V_DESC.load([(sk + n).to(tl.int32), desc_col_v])
         else:
             v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
@@ -288,7 +292,8 @@ def _attention_fwd_kernel(
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
+    HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr,
+    REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -299,11 +304,11 @@ def _attention_fwd_kernel(
     HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; HAS_DESCALE: FP8 inputs with descale
     factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
     USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
-    (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
-    causal window it has the most keys); P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner
-    (with descales the kernel makes it hold by flipping q's sign); ZERO_TAIL: zero the
-    rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot
-    input_precision.
+    (total_k, nheads_k * headdim); V_KEYS_CONTIGUOUS: see _attention_fwd_inner; REVERSE: a
+    sequence's last query tile runs first (with a causal window it has the most keys);
+    P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner (with descales the kernel makes the
+    latter hold by flipping q's sign); ZERO_TAIL: zero the rows after the last sequence (no
+    cu_seqlens_q_padded); DOT_PRECISION: tl.dot input_precision.
     """
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -367,19 +372,22 @@ def _attention_fwd_kernel(
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
+        DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, False, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
+        DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
+        DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -775,8 +783,8 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
     return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **_DEFAULT_SWITCHES)
 
 
-def _block(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _block(d: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(d))
 
 
 def _dropout_threshold(p: float) -> int:
@@ -784,7 +792,7 @@ def _dropout_threshold(p: float) -> int:
 
 
 def _check_supported(q, v, rng_state, dropout_p):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn):
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, FP8):
         raise TypeError(f"Triton varlen attention supports float16, bfloat16, float32 and "
                         f"float8_e4m3fn (forward) inputs, got {q.dtype} (float64 runs on the CPU "
                         f"kernel)")
@@ -800,14 +808,16 @@ class _Common:
 
     def __init__(self, q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
                  window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
-                 dropout_p, rng_state):
+                 dropout_p, rng_state, q_descale=None, k_descale=None, v_descale=None):
         check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                                cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
-                               softcap, dropout_p, rng_state)
+                               softcap, dropout_p, rng_state, q_descale, k_descale, v_descale)
         _check_supported(q, v, rng_state, dropout_p)
         self.batch = cu_seqlens_q.shape[0] - 1
         self.nheads, self.nheads_k = q.shape[1], k.shape[1]
-        self.block_d, self.block_dv = _block(q.shape[2]), _block(v.shape[2])
+        # FP8 tensor-core dots reduce over at least 32 elements: pad small head dims to 32.
+        min_block = 32 if q.dtype == FP8 else 16
+        self.block_d, self.block_dv = _block(q.shape[2], min_block), _block(v.shape[2], min_block)
         self.seq = (cu_seqlens_q, cu_seqlens_k,
                     cu_seqlens_q if cu_seqlens_q_padded is None else cu_seqlens_q_padded,
                     cu_seqlens_k if cu_seqlens_k_padded is None else cu_seqlens_k_padded)
@@ -855,21 +865,39 @@ def _descale(t, q):
     return t, t.stride()
 
 
-def _kv_descriptors(k, v, cfg):
-    """2-D TMA descriptors over (total_k, nheads_k * headdim) for unmasked K/V blocks, or None
-    when the layout does not allow them (then the kernel loads through pointers)."""
+def _descriptor(t2d, block_shape):
+    """A 2-D TMA descriptor over t2d (rows, columns with stride 1), or None when TMA cannot
+    address it (alignment, empty, not CUDA)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    block_n = cfg["block_n"]
-    descs = []
-    for t in (k, v):
+    rows, cols = t2d.shape
+    ok = (t2d.is_cuda and rows > 0 and cols > 0 and t2d.stride(1) == 1
+          and (t2d.stride(0) * t2d.element_size()) % 16 == 0 and t2d.data_ptr() % 16 == 0)
+    return TensorDescriptor(t2d, [rows, cols], [t2d.stride(0), 1], block_shape) if ok else None
+
+
+def _kv_descriptors(k, v, block_n, v_keys_contiguous):
+    """TMA descriptors for unmasked K/V blocks, or None (then the kernel loads through
+    pointers). K: (total_k, nheads_k * headdim) with blocks (block_n, headdim); V the same, or
+    with v_keys_contiguous (v a view of _fp8_v_transposed) (nheads_k * headdim_v, total_k)
+    with blocks (headdim_v, block_n)."""
+    def flat(t):  # (total, heads, d) with d and heads dense -> (total, heads * d), else None
         total, heads, d = t.shape
-        ok = (t.is_cuda and total > 0 and d == _block(d) and t.stride(2) == 1 and t.stride(1) == d
-              and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0)
-        if not ok:
+        if d != _block(d) or t.stride(2) != 1 or t.stride(1) != d:
             return None
-        descs.append(TensorDescriptor(t, [total, heads * d], [t.stride(0), 1], [block_n, d]))
-    return descs
+        return t.as_strided((total, heads * d), (t.stride(0), 1))
+
+    k2 = flat(k)
+    k_desc = _descriptor(k2, [block_n, k.shape[2]]) if k2 is not None else None
+    total, heads, dv = v.shape
+    if v_keys_contiguous:
+        ok = dv == _block(dv, 32) and v.stride(0) == 1 and v.stride(1) == dv * v.stride(2)
+        v2 = v.as_strided((heads * dv, total), (v.stride(2), 1)) if ok else None
+        v_desc = _descriptor(v2, [dv, block_n]) if ok else None
+    else:
+        v2 = flat(v)
+        v_desc = _descriptor(v2, [block_n, dv]) if v2 is not None else None
+    return (k_desc, v_desc) if k_desc is not None and v_desc is not None else None
 
 
 def _fp8_v_transposed(v):
@@ -894,8 +922,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     """
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
-                rng_state)
-    fp8 = q.dtype == torch.float8_e4m3fn
+                rng_state, q_descale, k_descale, v_descale)
+    fp8 = q.dtype == FP8
     total_q = q.shape[0]
     out_dtype = torch.bfloat16 if fp8 else q.dtype
     out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype)
@@ -906,9 +934,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         lse.fill_(float("nan"))
     cfg = _config("fwd", q, v, window_left, window_right, config)
     block_m, block_n = cfg["block_m"], cfg["block_n"]
-    descs = _kv_descriptors(k, v, cfg) if cfg["tma"] and not fp8 else None
     if fp8:
         v = _fp8_v_transposed(v)
+    # FP8 always tries TMA: its keys-fastest V rows start at any key, which pointer loads can
+    # only read byte by byte.
+    descs = _kv_descriptors(k, v, block_n, fp8) if cfg["tma"] or fp8 else None
     (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
         _descale(t, q) for t in (q_descale, k_descale, v_descale))
     grid = c.grid(total_q, block_m, c.nheads)
@@ -918,7 +948,8 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 q, k, v, out, lse, *c.seq, c.alibi, c.rng, *(descs or (k, v)), qd, kd, vd,
                 *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
-                BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None, P_SCALE=256.0 if fp8 else 1.0,
+                BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None,
+                V_KEYS_CONTIGUOUS=fp8, P_SCALE=256.0 if fp8 else 1.0,
                 POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **c.flags)
@@ -935,8 +966,7 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
     Always bitwise reproducible (no atomics), so ``deterministic`` needs no special path.
     ``config`` (tuner only): {"dkdv": ..., "dq": ...} launch config overrides.
     """
-    if q.dtype == torch.float8_e4m3fn:
-        raise TypeError("FP8 attention is forward-only: attention_backward got float8_e4m3fn q")
+    torch._check(q.dtype != FP8, lambda: FP8_BACKWARD_ERROR)
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state)

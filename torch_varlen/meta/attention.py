@@ -2,7 +2,15 @@
 
 import torch
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.float8_e4m3fn)
+FP8 = torch.float8_e4m3fn  # FP8 attention (forward only): float8_e4m3fn q, k, v -> bfloat16 out
+FP8_BACKWARD_ERROR = ("FP8 attention is forward-only: there is no backward for float8_e4m3fn q, k, v "
+                      "(train with bfloat16 or float16 inputs)")
+
+
+def out_dtype(q: torch.Tensor) -> torch.dtype:
+    """out has q's dtype, except bfloat16 for float8_e4m3fn inputs (FP8 attention)."""
+    return torch.bfloat16 if q.dtype == FP8 else q.dtype
 
 
 def lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -13,11 +21,12 @@ def lse_dtype(q: torch.Tensor) -> torch.dtype:
 def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=None,
                            cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                            window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0,
-                           rng_state=None):
+                           rng_state=None, q_descale=None, k_descale=None, v_descale=None):
     """Shape, dtype and device checks of attention_forward (values are checked by kernels)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         torch._check(t.dim() == 3, lambda: f"{name} must be (total, nheads, headdim), got shape {tuple(t.shape)}")
-        torch._check(t.dtype in _DTYPES, lambda: f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        torch._check(t.dtype in _DTYPES, lambda: f"{name} must be float16, bfloat16, float32 or float64 "
+                     f"(or float8_e4m3fn for the FP8 forward), got {t.dtype}")
     torch._check(k.dtype == q.dtype and v.dtype == q.dtype,
                  lambda: f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     torch._check(k.device == q.device and v.device == q.device,
@@ -57,6 +66,28 @@ def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=Non
         torch._check(rng_state is not None, lambda: "rng_state ([seed, offset] int64) is required when dropout_p > 0")
         torch._check(rng_state.dtype == torch.int64 and tuple(rng_state.shape) == (2,),
                      lambda: f"rng_state must be int64 of shape (2,), got {rng_state.dtype} {tuple(rng_state.shape)}")
+    check_descales(q, k, batch, dropout_p, q_descale, k_descale, v_descale)
+
+
+def check_descales(q, k, batch, dropout_p, q_descale, k_descale, v_descale):
+    """FP8 attention: float8_e4m3fn q/k/v, no dropout; each descale None, (1,) or (batch, nheads_k)
+    float32 on q's device."""
+    descales = (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale))
+    if q.dtype != FP8:
+        for name, d in descales:
+            torch._check(d is None, lambda: f"{name} is only for float8_e4m3fn q, k and v (FP8 attention), "
+                         f"got q of dtype {q.dtype}")
+        return
+    torch._check(dropout_p == 0, lambda: f"dropout is not supported with float8_e4m3fn q, k and v "
+                 f"(FP8 attention is inference only), got dropout_p={dropout_p}")
+    for name, d in descales:
+        if d is None:
+            continue
+        torch._check(d.dtype == torch.float32, lambda: f"{name} must be float32, got {d.dtype}")
+        torch._check(tuple(d.shape) in ((1,), (batch, k.shape[1])),
+                     lambda: f"{name} must be (1,) (per tensor) or (batch, nheads_k) = ({batch}, "
+                     f"{k.shape[1]}), got {tuple(d.shape)}")
+        torch._check(d.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {d.device}")
 
 
 @torch.library.register_fake("varlen::attention_forward")
@@ -66,9 +97,10 @@ def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
                             k_descale=None, v_descale=None, backend=None):
     check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
-                           cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state)
+                           cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state,
+                           q_descale, k_descale, v_descale)
     total_q, nheads, _ = q.shape
-    out = q.new_empty((total_q, nheads, v.shape[2]))
+    out = q.new_empty((total_q, nheads, v.shape[2]), dtype=out_dtype(q))
     lse = q.new_empty((nheads, total_q), dtype=lse_dtype(q))
     return out, lse
 
@@ -79,4 +111,5 @@ def _attention_backward_fake(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, 
                              window_right=-1, softcap=0.0, alibi_slopes=None,
                              cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, dropout_p=0.0,
                              rng_state=None, deterministic=False, grad_lse=None, backend=None):
+    torch._check(q.dtype != FP8, lambda: FP8_BACKWARD_ERROR)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -118,6 +118,10 @@ std::string py_dtype(at::ScalarType t) {
     case at::kChar: return "torch.int8";
     case at::kByte: return "torch.uint8";
     case at::kBool: return "torch.bool";
+    case at::kFloat8_e4m3fn: return "torch.float8_e4m3fn";
+    case at::kFloat8_e5m2: return "torch.float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "torch.float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "torch.float8_e5m2fnuz";
     default: return std::string("torch.") + c10::toString(t);
   }
 }
@@ -144,8 +148,10 @@ void check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
   for (auto [name, t] : {std::pair<const char*, const Tensor*>{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK(t->dim() == 3, name, " must be (total, nheads, headdim), got shape ", py_tuple(t->sizes()));
     const auto dt = t->scalar_type();
-    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble,
-                name, " must be float16, bfloat16, float32 or float64, got ", py_dtype(dt));
+    TORCH_CHECK(dt == at::kHalf || dt == at::kBFloat16 || dt == at::kFloat || dt == at::kDouble ||
+                    dt == at::kFloat8_e4m3fn,
+                name, " must be float16, bfloat16, float32 or float64 (or float8_e4m3fn for the FP8 "
+                "forward), got ", py_dtype(dt));
   }
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "q, k and v must share a dtype, got ", py_dtype(q.scalar_type()), ", ",
@@ -195,6 +201,32 @@ void check_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tenso
                 py_tuple(rng_state->sizes()));
     TORCH_CHECK(rng_state->device() == q.device(), "rng_state must be on q's device ", q.device(),
                 ", got ", rng_state->device());
+  }
+}
+
+// FP8 attention, as meta/attention.py::check_descales: float8_e4m3fn q/k/v, no dropout; each
+// descale None, (1,) or (batch, nheads_k) float32 on q's device.
+void check_descales(const Tensor& q, const Tensor& k, int64_t batch, double dropout_p,
+                    const OptTensor& q_descale, const OptTensor& k_descale, const OptTensor& v_descale) {
+  const std::pair<const char*, const OptTensor*> descales[] = {
+      {"q_descale", &q_descale}, {"k_descale", &k_descale}, {"v_descale", &v_descale}};
+  if (q.scalar_type() != at::kFloat8_e4m3fn) {
+    for (auto [name, d] : descales)
+      TORCH_CHECK(!d->has_value(), name, " is only for float8_e4m3fn q, k and v (FP8 attention), "
+                  "got q of dtype ", py_dtype(q.scalar_type()));
+    return;
+  }
+  TORCH_CHECK(dropout_p == 0, "dropout is not supported with float8_e4m3fn q, k and v (FP8 attention "
+              "is inference only), got dropout_p=", py_float(dropout_p));
+  for (auto [name, d] : descales) {
+    if (!d->has_value()) continue;
+    const Tensor& t = **d;
+    TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32, got ", py_dtype(t.scalar_type()));
+    const bool per_tensor = t.dim() == 1 && t.size(0) == 1;
+    const bool per_head = t.dim() == 2 && t.size(0) == batch && t.size(1) == k.size(1);
+    TORCH_CHECK(per_tensor || per_head, name, " must be (1,) (per tensor) or (batch, nheads_k) = (",
+                batch, ", ", k.size(1), "), got ", py_tuple(t.sizes()));
+    TORCH_CHECK(t.device() == q.device(), name, " must be on q's device ", q.device(), ", got ", t.device());
   }
 }
 
@@ -408,6 +440,26 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 
 // ------------------------------------------------------------------ ops
 
+// FP8: float8_e4m3fn t (total, heads, d) times its descale, in float32. The descale is None
+// (1), (1,) per tensor, or (batch, nheads_k) per sequence and kv head, applied to every row of
+// sequence b (its physical rows from lay) and every head of kv head group h; rows outside
+// every sequence keep factor 1 (no kernel reads them).
+Tensor dequantize(const Tensor& t, const OptTensor& descale, const SeqLayout& lay, int64_t nheads_k) {
+  const Tensor x = t.to(at::kFloat);
+  if (!descale) return x;
+  if (descale->dim() == 1) return x * *descale;
+  const Tensor d = descale->contiguous();
+  Tensor rows = at::ones({t.size(0), nheads_k}, d.options());
+  const int32_t* cu = lay.cu.data_ptr<int32_t>();
+  const int32_t* start = lay.start.data_ptr<int32_t>();
+  const float* dp = d.data_ptr<float>();
+  float* rp = rows.data_ptr<float>();
+  for (int64_t b = 0; b + 1 < lay.cu.size(0); ++b)
+    for (int64_t r = start[b]; r < int64_t(start[b]) + cu[b + 1] - cu[b]; ++r)
+      std::copy(dp + b * nheads_k, dp + (b + 1) * nheads_k, rp + r * nheads_k);
+  return x * rows.repeat_interleave(t.size(1) / nheads_k, 1).unsqueeze(-1);
+}
+
 // The CPU runs our kernels only: None, "auto" and "torch_varlen" select them.
 void check_backend(const std::optional<c10::string_view>& backend) {
   TORCH_CHECK(!backend || *backend == "auto" || *backend == "torch_varlen",
@@ -424,11 +476,20 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     bool /*deterministic*/, const OptTensor& q_descale, const OptTensor& k_descale,
     const OptTensor& v_descale, std::optional<c10::string_view> backend) {
   check_backend(backend);
-  TORCH_CHECK(!q_descale && !k_descale && !v_descale,
-              "q_descale/k_descale/v_descale (FP8 attention) are not implemented on the CPU yet");
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
+  check_descales(q_in, k_in, cu_seqlens_q.size(0) - 1, dropout_p, q_descale, k_descale, v_descale);
+  if (q_in.scalar_type() == at::kFloat8_e4m3fn) {
+    // FP8: dequantize to float32, run the float32 kernel, return out in bfloat16 (lse float32).
+    const int64_t hk = k_in.size(1);
+    auto [out, lse] = attention_forward_cpu(
+        dequantize(pr.q, q_descale, pr.lq, hk), dequantize(pr.k, k_descale, pr.lk, hk),
+        dequantize(pr.v, v_descale, pr.lk, hk), cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale,
+        window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
+        dropout_p, rng_state, false, std::nullopt, std::nullopt, std::nullopt, backend);
+    return {out.to(at::kBFloat16), lse};
+  }
   const Tensor &q = pr.q, &k = pr.k, &v = pr.v;
   const int64_t total_q = q.size(0), H = q.size(1);
   Tensor out = at::empty({total_q, H, v.size(2)}, q.options());
@@ -472,6 +533,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
     bool /*deterministic*/, const OptTensor& grad_lse, std::optional<c10::string_view> backend) {
   check_backend(backend);
+  TORCH_CHECK(q_in.scalar_type() != at::kFloat8_e4m3fn,
+              "FP8 attention is forward-only: there is no backward for float8_e4m3fn q, k, v "
+              "(train with bfloat16 or float16 inputs)");
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
