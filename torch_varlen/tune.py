@@ -46,27 +46,27 @@ def _candidates(kind, headdim, mask, fp8):
     return out
 
 
-def _batch(dtype, headdim, total=32768, nheads=16, seed=0):
+def _batch(dtype, headdim, total=32768, nheads=16, seed=0, device="cuda"):
     rng = random.Random(seed)
     lengths = []
     while sum(lengths) < total:
         lengths.append(rng.randint(512, 4096))
     lengths[-1] -= sum(lengths) - total
     lengths = [n for n in lengths if n > 0]
-    cu = torch.tensor([0] + lengths, device="cuda").cumsum(0).to(torch.int32)
-    make = lambda: torch.randn(total, nheads, headdim, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    make = lambda: torch.randn(total, nheads, headdim, device=device, dtype=torch.bfloat16)  # noqa: E731
     q, k, v, do = (make().to(dtype) for _ in range(4))
     return q, k, v, do, cu, max(lengths)
 
 
-def tune_key(kind, dtype_name, headdim, mask, log=print):
+def tune_key(kind, dtype_name, headdim, mask, log=print, **batch):
     from triton.testing import do_bench
 
     from .kernels import attention as A
 
     dtype = DTYPES[dtype_name]
     fp8 = dtype == torch.float8_e4m3fn
-    q, k, v, do, cu, mx = _batch(dtype, headdim)
+    q, k, v, do, cu, mx = _batch(dtype, headdim, **batch)
     wl, wr = (-1, 0) if mask == "causal" else (-1, -1)
     scale = headdim ** -0.5
     fwd = lambda cfg: A.attention_forward(q, k, v, cu, cu, mx, mx, scale, wl, wr, config=cfg)  # noqa: E731
