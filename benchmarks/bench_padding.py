@@ -6,9 +6,8 @@ For each shape (bf16, lengths uniform in [0.2*S, S], so about 40% padding) it ti
   flash_attn_algo the flash-attn algorithm re-created with torch ops: nonzero + cumsum + gather
                   (gather with an index expanded over the hidden dim, as index_first_axis does)
                   for unpad; zeros + index_put for pad
-and variants of ours: unpad_input(capacity=nnz) (same bytes, no host sync), gather_rows with
-the same indices (the row copy alone, no mask work), and pad with the zero-fill + scatter
-strategy (TORCH_VARLEN_PAD_STRATEGY=scatter) instead of the per-output-row map.
+and variants of ours: unpad_input(capacity=nnz) (same bytes, no host sync: one memset and one
+launch), and gather_rows with the same indices (the row copy alone, no mask work).
 
 Bytes counted (the fewest the op must move): unpad reads the mask and nnz rows and writes
 nnz rows + nnz int64 indices; pad reads nnz rows + nnz indices and writes B*S rows. GBps =
@@ -23,7 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 from pathlib import Path
 
@@ -107,7 +105,7 @@ def bench_shape(shape):
          {"capacity_eq_nnz": lambda: unpad_input(h, mask, capacity=nnz),
           "gather_rows_kernel": lambda: torch.ops.varlen.gather_rows(h, idx)}),
         ("pad", pad_bytes, lambda: pad_input(hu, idx, batch, seqlen), lambda: fa_pad(hu, idx, batch, seqlen),
-         {"zero_fill_scatter": None}),
+         {}),
     ]:
         copy = copy_ms(nbytes)
         copy_gbps = nbytes / copy / 1e6
@@ -119,13 +117,7 @@ def bench_shape(shape):
                         fraction_of_copy=round(nbytes / ours_ms / 1e6 / copy_gbps, 3),
                         speedup_vs_peer=round(peer_ms / ours_ms, 2)))
         for variant, fn in variants.items():
-            if variant == "zero_fill_scatter":
-                os.environ["TORCH_VARLEN_PAD_STRATEGY"] = "scatter"
-                fn = ours_fn
-            try:
-                ms = time_ms(fn)
-            finally:
-                os.environ.pop("TORCH_VARLEN_PAD_STRATEGY", None)
+            ms = time_ms(fn)
             rows.append(row(bench, "torch_varlen", shape, ms, nbytes, variant=variant,
                             fraction_of_copy=round(nbytes / ms / 1e6 / copy_gbps, 3),
                             speedup_vs_peer=round(peer_ms / ms, 2)))

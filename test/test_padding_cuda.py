@@ -85,6 +85,91 @@ def test_exact_vs_reference_with_poisoned_outputs(dtype):
                 assert_same([ops.gather_rows(h, cap[1])], [reference.gather_rows(h, cap[1])])
 
 
+# Geometries around the scan tiles (4096 positions per eager scan block, 64 per capacity block,
+# 32 per copy block; tiles cover consecutive positions b*seqlen + s, so they straddle rows).
+GEOMETRIES = [(3, 5000), (1, 20000), (2500, 3), (700, 1), (37, 300)]
+
+
+def geometry_masks(batch, seqlen):
+    """(name, mask, unused_mask) cases for one geometry; every mask has values beyond 0/1."""
+    keep = torch.rand(batch, seqlen, device="cuda") > 0.4
+    values = torch.randint(1, 100, (batch, seqlen), device="cuda") * keep
+    yield "bool", keep, None
+    yield "all_zero", torch.zeros(batch, seqlen, dtype=torch.bool, device="cuda"), None
+    yield "all_one", torch.ones(batch, seqlen, dtype=torch.int32, device="cuda"), None
+    yield "prefix", random_mask(batch, seqlen, "cuda"), None
+    yield "unused", keep, (~keep) & (torch.rand(batch, seqlen, device="cuda") > 0.5)
+    yield "unused_only", torch.zeros_like(keep), keep
+    for dtype in [torch.int32, torch.int64, torch.uint8, torch.float16, torch.float32, torch.float64]:
+        yield str(dtype), values.to(dtype) * (-1 if dtype.is_floating_point else 1), None
+    wide = torch.stack([values, values], -1).flatten(1).to(torch.int16)
+    yield "strided", wide[:, ::2], None  # not contiguous: element-wise reads
+    storage = torch.empty(batch * seqlen + 1, dtype=torch.float32, device="cuda")
+    storage[1:] = values.flatten().float()
+    yield "misaligned", storage[1:].view(batch, seqlen), None  # contiguous, 4 bytes off 16-byte alignment
+
+
+@pytest.mark.parametrize("batch,seqlen", GEOMETRIES, ids=str)
+def test_tiles_straddling_rows_and_mask_kinds(batch, seqlen):
+    """Eager unpad and unpad_capacity (capacity nnz, nnz + 70, batch*seqlen) against the
+    reference on scan tiles that straddle rows, for every kind of mask, outputs poisoned."""
+    for rest, dtype in [((5,), torch.float32), ((8,), torch.bfloat16)]:
+        h = fresh((batch, seqlen) + rest, dtype, "cuda")
+        nbytes = h.numel() * h.element_size() * 2 + 4096
+        for name, m, u in geometry_masks(batch, seqlen):
+            expected = reference.unpad(h, m, u)
+            poison_cuda_memory(nbytes)
+            assert_same(ops.unpad(h, m, u), expected)
+            nnz = expected[1].numel()
+            for cap in sorted({nnz, nnz + 70, batch * seqlen}):
+                poison_cuda_memory(nbytes)
+                assert_same(ops.unpad_capacity(h, m, u, cap), reference.unpad_capacity(h, m, u, cap))
+
+
+def test_repeated_calls_reset_the_scan_state():
+    """The ticket, done counter and tile flags live in scratch that the allocator hands back
+    to the next call: every call must reset them. Alternate sizes and masks, same stream."""
+    h = fresh((37, 300, 4), torch.float32, "cuda")
+    masks = [m for _, m, _ in geometry_masks(37, 300)][:4]
+    for i in range(24):
+        m = masks[i % len(masks)]
+        rows = 37 if i % 3 else 20
+        expected = reference.unpad(h[:rows], m[:rows])
+        first = ops.unpad(h[:rows], m[:rows])
+        assert_same(first, expected)
+        assert_same(ops.unpad(h[:rows], m[:rows]), first)
+        cap = rows * 300
+        assert_same(ops.unpad_capacity(h[:rows], m[:rows], None, cap),
+                    reference.unpad_capacity(h[:rows], m[:rows], None, cap))
+
+
+def test_capacity_graph_replay_with_changing_masks():
+    """unpad_capacity alone captured in a CUDA graph (memset + one kernel), replayed over
+    masks with different nnz: all-zero, all-one, random, with an unused mask."""
+    batch, seqlen, hidden = 23, 700, 16  # 252 scan tiles + tail blocks
+    cap = batch * seqlen
+    static_h = fresh((batch, seqlen, hidden), torch.bfloat16, "cuda")
+    static_m = torch.ones(batch, seqlen, dtype=torch.bool, device="cuda")
+    static_u = torch.zeros(batch, seqlen, dtype=torch.bool, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.unpad_capacity(static_h, static_m, static_u, cap)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = ops.unpad_capacity(static_h, static_m, static_u, cap)
+    cases = [(m, None) for _, m, _ in geometry_masks(batch, seqlen)][:4]
+    keep = torch.rand(batch, seqlen, device="cuda") > 0.7
+    cases += [(keep, (~keep) & (torch.rand(batch, seqlen, device="cuda") > 0.5))] * 2
+    for m, u in cases:
+        static_h.copy_(fresh((batch, seqlen, hidden), torch.bfloat16, "cuda"))
+        static_m.copy_(m != 0)
+        static_u.copy_(u if u is not None else torch.zeros_like(static_u))
+        graph.replay()
+        assert_same(static_out, reference.unpad_capacity(static_h, static_m, static_u, cap))
+
+
 def test_concat_larger():
     batch, seqlen = 7, 300
     rows = []

@@ -2,16 +2,27 @@
 //
 // Rows move as raw bytes in the widest vector (16, 8, 4, 2 or 1 bytes) that the row size,
 // pointers and strides allow, so one code path serves every dtype and any trailing dims.
-// Masks of any real dtype are read as raw bits (no conversion launch). Index math is 64-bit.
+// Masks of any real dtype are read as raw bits (no conversion launch); a mask whose positions
+// are contiguous and 16-byte aligned is read 16 bytes at a time. Index math is 64-bit.
 //
-// unpad:          _unpad_count_kernel (kept/valid tokens per tile of kTile positions)
-//                 -> _unpad_scan_kernel (one block: tile offsets, cu_seqlens, seqused,
-//                    max_seqlen, nnz) -> [eager only: ONE device-to-host read of (nnz,
-//                    max_seqlen)] -> _unpad_fwd_kernel (compacts each tile: indices + rows;
-//                    with a capacity, extra blocks zero the rows past nnz).
-// unpad_capacity: the same three launches and no host sync; capacity < nnz fails a
-//                 device-side assert (raised at the next synchronisation), never writes
-//                 out of bounds.
+// Positions p = b * seqlen + s are cut into tiles of consecutive positions (a tile may straddle
+// rows). The mask is scanned in ONE pass with decoupled look-back: each block takes its tile id
+// from an atomic ticket (so every tile it waits for belongs to a block that is already running),
+// publishes its tile's (kept, valid) counts, reads its predecessors' published values until one
+// holds an inclusive prefix, and publishes its own inclusive prefix. The last block to finish
+// (a done counter) derives seqused, max_seqlen and nnz from the row starts. The ticket, the done
+// counter and the tile flags are zeroed by one memset on the stream before the launch, so a
+// call is graph-capturable and repeated calls start from a clean state.
+//
+// unpad:          memset -> _unpad_scan_kernel (tiles of kScanTile positions: cu_seqlens,
+//                 seqused, the first output row of each kCopyTile positions, (nnz, max_seqlen))
+//                 -> ONE device-to-host read of (nnz, max_seqlen) -> _unpad_fwd_kernel
+//                 (each block compacts kCopyTile positions: indices + rows).
+// unpad_capacity: memset -> _unpad_capacity_fwd_kernel: the same scan over tiles of
+//                 kFusedTile positions, and each block copies its tile's rows as soon as its
+//                 prefix is known; blocks past the last tile zero the rows from nnz to capacity.
+//                 No host sync. capacity < nnz fails a device-side assert (raised at the next
+//                 synchronisation), never writes out of bounds.
 // unpad_concat:   _unpad_concat_scan_kernel -> one read of (nnz, samples+1, max_seqlen)
 //                 -> _unpad_concat_cu_kernel + _unpad_fwd_kernel.
 // pad:            _pad_map_kernel (source row of each output row) -> _pad_fwd_kernel
@@ -28,12 +39,11 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <initializer_list>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "padding_checks.h"
@@ -41,22 +51,90 @@
 namespace varlen {
 namespace {
 
-constexpr int kThreads = 256;       // threads per block of the copy and count kernels
-constexpr int kTile = 32;           // positions of one batch row handled by one unpad block
-constexpr int kScanThreads = 1024;  // threads of the single-block scan kernels
-constexpr int kScanItems = 4;       // consecutive tiles per thread in one scan round
-constexpr int kUnroll = 4;          // vectors in flight per thread in a row copy
+constexpr int kThreads = 256;                     // threads per block of every kernel but the concat scan
+constexpr int kCopyTile = 32;                     // positions compacted by one _unpad_fwd_kernel block
+constexpr int kScanItems = 16;                    // consecutive positions per thread in _unpad_scan_kernel
+constexpr int kScanTile = kThreads * kScanItems;  // positions per _unpad_scan_kernel block
+constexpr int kFusedTile = 64;                    // positions per _unpad_capacity_fwd_kernel block (scan + copy)
+constexpr int kTailRows = 128;                    // rows past nnz zeroed per tail block of the capacity kernel
+constexpr int kWindow = 32;                       // predecessors' flags read at once in the look-back
+constexpr int kScanThreads = 1024;                // threads of the single-block concat scan kernel
+constexpr int kUnroll = 4;                        // vectors in flight per thread in a row copy
+static_assert(kScanTile % kCopyTile == 0 && kCopyTile % kScanItems == 0, "copy tiles start on a thread's run");
+static_assert(kFusedTile <= kThreads && kWindow <= kThreads, "one position / one flag per thread");
 
 // ---------------------------------------------------------------- device helpers
+
+// (kept, valid) token counts packed in one word: kept in bits [0, 31), valid in [31, 62).
+// batch*seqlen < 2^31 (checked on the host), so sums of packed counts never carry between fields.
+constexpr int kValidShift = 31;
+constexpr uint64_t kFieldMask = (uint64_t{1} << kValidShift) - 1;
+__device__ __forceinline__ uint64_t pack(uint64_t kept, uint64_t valid) { return (valid << kValidShift) | kept; }
+__device__ __forceinline__ int64_t kept_of(uint64_t packed) { return static_cast<int64_t>(packed & kFieldMask); }
+__device__ __forceinline__ int64_t valid_of(uint64_t packed) {
+  return static_cast<int64_t>((packed >> kValidShift) & kFieldMask);
+}
+
+// Look-back status of one tile: flag << 62 | packed counts. Zero (memset) = not published yet.
+constexpr uint64_t kAggregate = 1;  // the value is the tile's own counts
+constexpr uint64_t kInclusive = 2;  // the value is the sum over this tile and all before it
+constexpr int kFlagShift = 62;
+constexpr uint64_t kValueMask = (uint64_t{1} << kFlagShift) - 1;
+
+__device__ __forceinline__ uint64_t volatile_load(const unsigned long long* p) {
+  return *reinterpret_cast<const volatile unsigned long long*>(p);
+}
+
+__device__ __forceinline__ void publish(unsigned long long* status, uint64_t flag, uint64_t value) {
+  atomicExch(status, static_cast<unsigned long long>((flag << kFlagShift) | value));
+}
+
+// Spins until `status` is published (by a block that already took its ticket, so it runs).
+__device__ __forceinline__ uint64_t wait_published(const unsigned long long* status) {
+  uint64_t s;
+  do {
+    s = volatile_load(status);
+  } while ((s >> kFlagShift) == 0);
+  return s;
+}
+
+// Bits of n consecutive ES-byte mask elements at p (16-byte aligned), read 16 bytes at a time.
+template <int ES, int N>
+__device__ __forceinline__ void load_run(const char* p, uint64_t bits, bool (&out)[N]) {
+  static_assert((N * ES) % 16 == 0, "whole 16-byte words");
+  constexpr int kWords = N * ES / 4;
+  uint32_t c[kWords];
+#pragma unroll
+  for (int k = 0; k < kWords / 4; ++k) {
+    const uint4 w = reinterpret_cast<const uint4*>(p)[k];
+    c[4 * k] = w.x;
+    c[4 * k + 1] = w.y;
+    c[4 * k + 2] = w.z;
+    c[4 * k + 3] = w.w;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    uint64_t v;
+    if constexpr (ES == 8) {
+      v = (static_cast<uint64_t>(c[2 * i + 1]) << 32) | c[2 * i];
+    } else if constexpr (ES == 4) {
+      v = c[i];
+    } else {  // 1 or 2 bytes, little-endian within a 32-bit word
+      v = (c[i * ES / 4] >> (8 * ((i * ES) % 4))) & ((1u << (8 * ES)) - 1);
+    }
+    out[i] = (v & bits) != 0;
+  }
+}
 
 // A (batch, seqlen) mask of any real dtype read as raw bits: an element is set when its bits,
 // with the sign bit cleared for floating types (-0.0 is unset, NaN is set), are nonzero.
 struct Mask {
-  const char* data;  // nullptr: no mask
+  const char* data;  // nullptr: no mask (nothing set)
   int64_t stride_b;  // bytes
   int64_t stride_s;  // bytes
   int esize;
   uint64_t bits;
+  bool flat;  // element p = b*seqlen + s lives at data + p*esize, and data is 16-byte aligned
 
   __device__ __forceinline__ bool at(int64_t b, int64_t s) const {
     const char* p = data + b * stride_b + s * stride_s;
@@ -68,6 +146,37 @@ struct Mask {
       default: v = *reinterpret_cast<const uint64_t*>(p); break;
     }
     return (v & bits) != 0;
+  }
+
+  // Bits of the N positions p0, p0+1, ... (false at and past `total`). p0 % N == 0.
+  template <int N>
+  __device__ __forceinline__ void run(int64_t p0, int64_t seqlen, int64_t total, bool (&out)[N]) const {
+    if (data == nullptr) {
+#pragma unroll
+      for (int i = 0; i < N; ++i) out[i] = false;
+      return;
+    }
+    if constexpr (N % 16 == 0) {  // 16-byte words hold whole elements of every size
+      if (flat && p0 + N <= total) {
+        const char* p = data + p0 * esize;
+        switch (esize) {
+          case 1: load_run<1, N>(p, bits, out); break;
+          case 2: load_run<2, N>(p, bits, out); break;
+          case 4: load_run<4, N>(p, bits, out); break;
+          default: load_run<8, N>(p, bits, out); break;
+        }
+        return;
+      }
+    }
+    int64_t b = p0 / seqlen, s = p0 - b * seqlen;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      out[i] = p0 + i < total && at(b, s);
+      if (++s == seqlen) {
+        s = 0;
+        ++b;
+      }
+    }
   }
 };
 
@@ -125,162 +234,278 @@ __device__ __forceinline__ void copy_row(V* __restrict__ dst, const V* __restric
   }
 }
 
-// ---------------------------------------------------------------- unpad
+// Where the rows go: the padded input and the packed output.
+template <typename V>
+struct Rows {
+  const char* src;  // padded rows: position (b, s) at src + b*stride_b + s*stride_s
+  int64_t stride_b, stride_s;  // bytes
+  V* dst;            // packed rows, vectors_per_row V each
+  int64_t* indices;  // position of each packed row
+  int64_t rows;      // rows of dst and indices: nothing is written at or past it
+  int64_t vectors_per_row;
+  int group;  // threads sharing one row
+};
 
-// counts[t] for tile t = (row b, positions [j*kTile, (j+1)*kTile)): low 32 bits the kept
-// positions (mask | unused), high 32 bits the valid ones (mask only, for seqused).
-__global__ void _unpad_count_kernel(Mask mask, Mask unused, int64_t batch, int64_t seqlen,
-                                    int64_t tiles_per_row, uint64_t* __restrict__ counts) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (t >= batch * tiles_per_row) return;
-  const int64_t b = t / tiles_per_row;
-  const int64_t s0 = (t % tiles_per_row) * kTile;
-  const int64_t s1 = min(seqlen, s0 + kTile);
-  uint32_t kept = 0, valid = 0;
-  for (int64_t s = s0; s < s1; ++s) {
-    const bool v = mask.at(b, s);
-    valid += v;
-    kept += v || (unused.data != nullptr && unused.at(b, s));
+// The n kept positions pos[0..n) (shared memory) of one tile go to packed rows first, first+1, ...
+template <typename V>
+__device__ void copy_kept(const Rows<V>& out, int64_t seqlen, const int64_t* pos, int n, int64_t first) {
+  const int lane = threadIdx.x % out.group;
+  const int groups = kThreads / out.group;
+  for (int k = threadIdx.x; k < n; k += kThreads) {
+    if (first + k < out.rows) out.indices[first + k] = pos[k];
   }
-  counts[t] = (static_cast<uint64_t>(valid) << 32) | kept;
+  for (int k = threadIdx.x / out.group; k < n; k += groups) {
+    const int64_t r = first + k;
+    if (r >= out.rows) break;
+    const int64_t b = pos[k] / seqlen;
+    const auto* row = reinterpret_cast<const V*>(out.src + b * out.stride_b + (pos[k] - b * seqlen) * out.stride_s);
+    copy_row<V>(out.dst + r * out.vectors_per_row, row, out.vectors_per_row, lane, out.group);
+  }
 }
 
-// One block. Exclusive scan of the tile counts: tile_offsets (first output row of each tile),
-// cu_seqlens, seqused, and summary = [nnz, max_seqlen]. capacity >= 0: asserts nnz <= capacity.
-__global__ void __launch_bounds__(kScanThreads)
-    _unpad_scan_kernel(const uint64_t* __restrict__ counts, int64_t batch, int64_t tiles_per_row,
-                       int64_t capacity, int32_t* __restrict__ tile_offsets,
-                       int32_t* __restrict__ cu_seqlens, int32_t* __restrict__ valid_starts,
-                       int32_t* __restrict__ seqused, int64_t* __restrict__ summary,
-                       int64_t* host_summary) {
-  __shared__ uint64_t smem[kScanThreads];
-  const int64_t n_tiles = batch * tiles_per_row;
-  uint64_t carry = 0;  // (valid << 32) | kept, summed over earlier rounds
-  for (int64_t round = 0; round < n_tiles; round += kScanThreads * kScanItems) {
-    const int64_t first = round + static_cast<int64_t>(threadIdx.x) * kScanItems;
-    uint64_t v[kScanItems];
-    uint64_t sum = 0;
-#pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      v[i] = first + i < n_tiles ? counts[first + i] : 0;
-      sum += v[i];
+// ---------------------------------------------------------------- unpad
+
+// Scan state of one call. ticket, done and status[0..n_tiles) are zeroed by a memset first.
+struct ScanState {
+  unsigned long long* ticket;  // next tile id
+  unsigned long long* done;    // tiles whose row starts are written
+  unsigned long long* status;  // per tile: look-back flag and value
+  int64_t n_tiles;
+};
+
+struct ScanOutputs {
+  Mask mask, unused;
+  int64_t batch, seqlen;
+  int32_t* cu_seqlens;    // batch+1
+  int32_t* valid_starts;  // batch+1 (scratch): valid tokens before each row
+  int32_t* seqused;       // batch
+  int64_t* summary;       // [nnz, max_seqlen]
+  int64_t* host_summary;  // the same, in mapped pinned memory (or nullptr)
+  int64_t capacity;       // >= 0: asserts nnz <= capacity
+};
+
+__device__ __forceinline__ int64_t take_ticket(const ScanState& st) {
+  __shared__ int64_t tile;
+  if (threadIdx.x == 0) tile = static_cast<int64_t>(atomicAdd(st.ticket, 1ull));
+  __syncthreads();
+  return tile;
+}
+
+// Decoupled look-back for tile `tile` whose own packed counts are `aggregate`: returns the
+// packed counts of all earlier tiles, and publishes this tile's inclusive prefix. All threads
+// call it; threads [0, kWindow) read kWindow predecessors' flags at once.
+__device__ uint64_t tile_exclusive_prefix(const ScanState& st, int64_t tile, uint64_t aggregate) {
+  __shared__ uint64_t window[kWindow];
+  __shared__ uint64_t prefix;
+  __shared__ int64_t end;  // tiles [0, end) not yet summed
+  __shared__ bool found;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    publish(st.status + tile, tile == 0 ? kInclusive : kAggregate, aggregate);
+    prefix = 0;
+    end = tile;
+    found = tile == 0;
+  }
+  __syncthreads();
+  while (!found) {
+    const int64_t e = end;
+    if (tid < kWindow) {
+      const int64_t j = e - 1 - tid;
+      window[tid] = j < 0 ? (kInclusive << kFlagShift) : wait_published(st.status + j);
     }
-    uint64_t total;
-    uint64_t run = carry + block_exclusive_scan<kScanThreads>(sum, smem, total);
-#pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = first + i;
-      if (t < n_tiles) {
-        tile_offsets[t] = static_cast<int32_t>(run & 0xFFFFFFFFu);
-        if (t % tiles_per_row == 0) {
-          cu_seqlens[t / tiles_per_row] = static_cast<int32_t>(run & 0xFFFFFFFFu);
-          valid_starts[t / tiles_per_row] = static_cast<int32_t>(run >> 32);
-        }
+    __syncthreads();
+    if (tid == 0) {
+      uint64_t sum = 0;
+      bool inclusive = false;
+      for (int w = 0; w < kWindow && !inclusive; ++w) {
+        sum += window[w] & kValueMask;
+        inclusive = (window[w] >> kFlagShift) == kInclusive;
       }
-      run += v[i];
+      prefix += sum;
+      end = e - kWindow;
+      found = inclusive;
     }
-    carry += total;
+    __syncthreads();
   }
-  const int64_t nnz = static_cast<int64_t>(carry & 0xFFFFFFFFu);
-  if (threadIdx.x == 0) {
-    cu_seqlens[batch] = static_cast<int32_t>(nnz);
-    valid_starts[batch] = static_cast<int32_t>(carry >> 32);
-  }
-  __syncthreads();  // makes this block's global writes above visible to all its threads
+  const uint64_t exclusive = prefix;
+  if (tid == 0 && tile != 0) publish(st.status + tile, kInclusive, exclusive + aggregate);
+  return exclusive;
+}
+
+// Row b starts at a position whose exclusive prefix is `before`.
+__device__ __forceinline__ void row_start(const ScanOutputs& o, int64_t b, uint64_t before) {
+  o.cu_seqlens[b] = static_cast<int32_t>(kept_of(before));
+  o.valid_starts[b] = static_cast<int32_t>(valid_of(before));
+}
+
+// Called by all threads after the tile's row starts are written. The last tile to get here
+// (all row starts written, all tiles' inclusive prefixes published) writes cu_seqlens[batch],
+// seqused, summary and host_summary, and checks the capacity.
+__device__ void finish_tile(const ScanState& st, const ScanOutputs& o, uint64_t* smem) {
+  __shared__ bool last;
+  __threadfence();  // this thread's row starts are visible device-wide ...
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(st.done, 1ull) == static_cast<unsigned long long>(st.n_tiles - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();  // ... before the last block reads them (volatile reads: no stale cache)
+  const uint64_t total = volatile_load(st.status + st.n_tiles - 1) & kValueMask;
+  const int64_t nnz = kept_of(total);
+  const volatile int32_t* cu = o.cu_seqlens;
+  const volatile int32_t* vs = o.valid_starts;
   int64_t longest = 0;
-  for (int64_t b = threadIdx.x; b < batch; b += kScanThreads) {
-    seqused[b] = valid_starts[b + 1] - valid_starts[b];
-    longest = max(longest, static_cast<int64_t>(cu_seqlens[b + 1] - cu_seqlens[b]));
+  for (int64_t b = threadIdx.x; b < o.batch; b += kThreads) {
+    const bool end = b + 1 == o.batch;
+    const int64_t next_cu = end ? nnz : cu[b + 1];
+    const int64_t next_valid = end ? valid_of(total) : vs[b + 1];
+    o.seqused[b] = static_cast<int32_t>(next_valid - vs[b]);
+    longest = max(longest, next_cu - cu[b]);
   }
-  longest = block_max<kScanThreads>(longest, smem);
+  longest = block_max<kThreads>(longest, smem);
   if (threadIdx.x == 0) {
-    summary[0] = nnz;
-    summary[1] = longest;
-    if (host_summary != nullptr) {
-      host_summary[0] = nnz;
-      host_summary[1] = longest;
+    o.cu_seqlens[o.batch] = static_cast<int32_t>(nnz);
+    o.summary[0] = nnz;
+    o.summary[1] = longest;
+    if (o.host_summary != nullptr) {
+      o.host_summary[0] = nnz;
+      o.host_summary[1] = longest;
     }
-    if (capacity >= 0) {
-      CUDA_KERNEL_ASSERT_MSG(nnz <= capacity,
+    if (o.capacity >= 0) {
+      CUDA_KERNEL_ASSERT_MSG(nnz <= o.capacity,
                              "varlen::unpad_capacity: capacity is smaller than the number of kept tokens");
     }
   }
 }
 
-// Which positions a tile keeps and where its first output row goes.
-struct MaskTiles {  // unpad: mask | unused, offsets from _unpad_scan_kernel
+// Eager unpad, pass 1: one tile of kScanTile positions per block, kScanItems per thread.
+// Writes cu_seqlens, seqused, summary and copy_first[q] = first packed row of the kCopyTile
+// positions starting at q*kCopyTile.
+__global__ void __launch_bounds__(kThreads)
+    _unpad_scan_kernel(ScanState st, ScanOutputs o, int32_t* __restrict__ copy_first) {
+  __shared__ uint64_t smem[kThreads];
+  const int64_t tile = take_ticket(st);
+  const int64_t total = o.batch * o.seqlen;
+  const int64_t p0 = tile * kScanTile + static_cast<int64_t>(threadIdx.x) * kScanItems;
+  bool valid[kScanItems], extra[kScanItems];
+  o.mask.run<kScanItems>(p0, o.seqlen, total, valid);
+  o.unused.run<kScanItems>(p0, o.seqlen, total, extra);
+  uint64_t mine = 0;
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) mine += pack(valid[i] || extra[i], valid[i]);
+  uint64_t aggregate;
+  const uint64_t local = block_exclusive_scan<kThreads>(mine, smem, aggregate);
+  uint64_t before = tile_exclusive_prefix(st, tile, aggregate) + local;
+  int64_t b = p0 / o.seqlen, s = p0 - b * o.seqlen;
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int64_t p = p0 + i;
+    if (p < total) {
+      if (p % kCopyTile == 0) copy_first[p / kCopyTile] = static_cast<int32_t>(kept_of(before));
+      if (s == 0) row_start(o, b, before);
+    }
+    before += pack(valid[i] || extra[i], valid[i]);
+    if (++s == o.seqlen) {
+      s = 0;
+      ++b;
+    }
+  }
+  finish_tile(st, o, smem);
+}
+
+// Which positions a tile of kCopyTile positions [tile*kCopyTile, ...) keeps and where its
+// first packed row goes.
+struct MaskTiles {  // unpad: mask | unused, first rows from _unpad_scan_kernel
   Mask mask, unused;
-  const int32_t* tile_offsets;
+  const int32_t* copy_first;
   __device__ bool keep(int64_t b, int64_t s) const {
     return mask.at(b, s) || (unused.data != nullptr && unused.at(b, s));
   }
-  __device__ int64_t first_row(int64_t tile, int64_t, int64_t) const { return tile_offsets[tile]; }
+  __device__ int64_t first_row(int64_t tile, int64_t) const { return copy_first[tile]; }
 };
 
 struct PrefixTiles {  // unpad_concat: the first row_len[b] positions of each row
   const int32_t* row_starts;
   const int32_t* row_lens;
   __device__ bool keep(int64_t b, int64_t s) const { return s < row_lens[b]; }
-  __device__ int64_t first_row(int64_t, int64_t b, int64_t s0) const {
-    return row_starts[b] + min(static_cast<int64_t>(row_lens[b]), s0);
+  __device__ int64_t first_row(int64_t tile, int64_t seqlen) const {
+    const int64_t p0 = tile * kCopyTile, b = p0 / seqlen;
+    return row_starts[b] + min(static_cast<int64_t>(row_lens[b]), p0 - b * seqlen);
   }
 };
 
-// Block `tile` < n_tiles compacts the kept positions of its tile: indices and rows. Blocks
-// past n_tiles (capacity mode) each own kTile output rows and zero those at or past nnz
-// (= summary[0]), setting their index to batch*seqlen. No write ever reaches past `rows`.
+// Block `tile` compacts the kept positions among [tile*kCopyTile, +kCopyTile) of the
+// batch*seqlen positions: their indices and rows.
 template <typename V, typename Tiles>
 __global__ void __launch_bounds__(kThreads)
-    _unpad_fwd_kernel(Tiles tiles, const char* __restrict__ src, int64_t stride_b, int64_t stride_s,
-                      int64_t batch, int64_t seqlen, int64_t tiles_per_row,
-                      const int64_t* __restrict__ summary, V* __restrict__ dst,
-                      int64_t* __restrict__ indices, int64_t rows, int64_t vectors_per_row,
-                      int group) {
-  __shared__ bool flag[kTile];
-  __shared__ int32_t kept[kTile];
+    _unpad_fwd_kernel(Tiles tiles, Rows<V> out, int64_t batch, int64_t seqlen) {
+  __shared__ bool flag[kCopyTile];
+  __shared__ int64_t pos[kCopyTile];
   __shared__ int num_kept;
-  const int64_t n_tiles = batch * tiles_per_row;
   const int64_t tile = blockIdx.x;
-  const int lane = threadIdx.x % group;
-  const int groups = kThreads / group;
-  if (tile >= n_tiles) {
-    const int64_t nnz = summary[0];
-    const int64_t r0 = (tile - n_tiles) * kTile;
-    for (int k = threadIdx.x; k < kTile; k += kThreads) {
-      const int64_t r = r0 + k;
-      if (r >= nnz && r < rows) indices[r] = batch * seqlen;
+  const int64_t p0 = tile * kCopyTile;
+  const int64_t first = tiles.first_row(tile, seqlen);  // loaded while the mask loads
+  if (threadIdx.x < kCopyTile) {
+    const int64_t p = p0 + threadIdx.x, b = p / seqlen;
+    flag[threadIdx.x] = p < batch * seqlen && tiles.keep(b, p - b * seqlen);
+  }
+  __syncthreads();
+  if (threadIdx.x < kCopyTile) {
+    int rank = 0;
+    for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += flag[j];
+    if (flag[threadIdx.x]) pos[rank] = p0 + threadIdx.x;
+    if (threadIdx.x == kCopyTile - 1) num_kept = rank + flag[threadIdx.x];
+  }
+  __syncthreads();
+  copy_kept<V>(out, seqlen, pos, num_kept, first);
+}
+
+// unpad with a capacity, in one launch: blocks with ticket < n_tiles scan a tile of kFusedTile
+// positions (one per thread) as _unpad_scan_kernel does, then copy its kept rows; the blocks
+// after them (tail) each own kTailRows packed rows and zero those at or past nnz (index
+// batch*seqlen), once the last tile's inclusive prefix (nnz) is published.
+template <typename V>
+__global__ void __launch_bounds__(kThreads)
+    _unpad_capacity_fwd_kernel(ScanState st, ScanOutputs o, Rows<V> out) {
+  __shared__ uint64_t smem[kThreads];
+  __shared__ int64_t pos[kFusedTile];
+  __shared__ int64_t nnz;
+  const int64_t tile = take_ticket(st);
+  const int64_t total = o.batch * o.seqlen;
+  if (tile >= st.n_tiles) {
+    if (threadIdx.x == 0) {
+      uint64_t s;
+      do {
+        s = wait_published(st.status + st.n_tiles - 1);
+      } while ((s >> kFlagShift) != kInclusive);
+      nnz = kept_of(s & kValueMask);
     }
-    for (int k = threadIdx.x / group; k < kTile; k += groups) {
+    __syncthreads();
+    const int64_t r0 = (tile - st.n_tiles) * kTailRows;
+    for (int k = threadIdx.x; k < kTailRows; k += kThreads) {
       const int64_t r = r0 + k;
-      if (r >= nnz && r < rows) copy_row<V>(dst + r * vectors_per_row, nullptr, vectors_per_row, lane, group);
+      if (r >= nnz && r < out.rows) out.indices[r] = total;
+    }
+    const int lane = threadIdx.x % out.group;
+    for (int k = threadIdx.x / out.group; k < kTailRows; k += kThreads / out.group) {
+      const int64_t r = r0 + k;
+      if (r >= nnz && r < out.rows) {
+        copy_row<V>(out.dst + r * out.vectors_per_row, nullptr, out.vectors_per_row, lane, out.group);
+      }
     }
     return;
   }
-  const int64_t b = tile / tiles_per_row;
-  const int64_t s0 = (tile % tiles_per_row) * kTile;
-  const int64_t first = tiles.first_row(tile, b, s0);  // loaded while the mask loads
-  if (threadIdx.x < kTile) {
-    const int64_t s = s0 + threadIdx.x;
-    flag[threadIdx.x] = s < seqlen && tiles.keep(b, s);
-  }
-  __syncthreads();
-  if (threadIdx.x < kTile) {
-    int rank = 0;
-    for (int j = 0; j < static_cast<int>(threadIdx.x); ++j) rank += flag[j];
-    if (flag[threadIdx.x]) kept[rank] = threadIdx.x;
-    if (threadIdx.x == kTile - 1) num_kept = rank + flag[threadIdx.x];
-  }
-  __syncthreads();
-  const int n = num_kept;
-  if (static_cast<int>(threadIdx.x) < n && first + threadIdx.x < rows) {
-    indices[first + threadIdx.x] = b * seqlen + s0 + kept[threadIdx.x];
-  }
-  for (int k = threadIdx.x / group; k < n; k += groups) {
-    const int64_t r = first + k;
-    if (r >= rows) break;
-    const auto* row = reinterpret_cast<const V*>(src + b * stride_b + (s0 + kept[k]) * stride_s);
-    copy_row<V>(dst + r * vectors_per_row, row, vectors_per_row, lane, group);
-  }
+  const int64_t p = tile * kFusedTile + threadIdx.x;
+  const int64_t b = p / o.seqlen, s = p - b * o.seqlen;
+  const bool here = threadIdx.x < kFusedTile && p < total;
+  const bool valid = here && o.mask.at(b, s);
+  const bool keep = valid || (here && o.unused.data != nullptr && o.unused.at(b, s));
+  uint64_t aggregate;
+  const uint64_t local = block_exclusive_scan<kThreads>(pack(keep, valid), smem, aggregate);
+  const uint64_t prefix = tile_exclusive_prefix(st, tile, aggregate);
+  if (keep) pos[kept_of(local)] = p;
+  if (here && s == 0) row_start(o, b, prefix + local);
+  finish_tile(st, o, smem);  // its __syncthreads also publish pos[] to the block
+  copy_kept<V>(out, o.seqlen, pos, static_cast<int>(kept_of(aggregate)), kept_of(prefix));
 }
 
 // ---------------------------------------------------------------- unpad_concat
@@ -390,27 +615,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// The zero-fill + scatter alternative (TORCH_VARLEN_PAD_STRATEGY=scatter, kept to measure):
-// dst was zeroed; each source row is copied to its index.
-template <typename V>
-__global__ void __launch_bounds__(kThreads)
-    _pad_scatter_kernel(const char* __restrict__ src, int64_t src_stride, int64_t n,
-                        const int64_t* __restrict__ indices, int64_t limit, V* __restrict__ dst,
-                        int64_t vectors_per_row, int group, int rows_per_block) {
-  const int lane = threadIdx.x % group;
-  const int groups = kThreads / group;
-  const int64_t i0 = static_cast<int64_t>(blockIdx.x) * rows_per_block;
-  for (int k = threadIdx.x / group; k < rows_per_block; k += groups) {
-    const int64_t i = i0 + k;
-    if (i >= n) break;
-    const int64_t r = indices[i];
-    CUDA_KERNEL_ASSERT_MSG(r >= 0 && r <= limit, "varlen::pad: indices must be in [0, batch*seqlen]");
-    if (r < 0 || r >= limit) continue;
-    copy_row<V>(dst + r * vectors_per_row, reinterpret_cast<const V*>(src + i * src_stride),
-                vectors_per_row, lane, group);
-  }
-}
-
 // out[i] = padded row indices[i], or zeros for indices[i] == batch*seqlen.
 template <typename V>
 __global__ void __launch_bounds__(kThreads)
@@ -476,9 +680,14 @@ Mask make_mask(const at::Tensor& m) {
   const bool floating = at::isFloatingType(m.scalar_type());
   const uint64_t all = es == 8 ? ~uint64_t{0} : ((uint64_t{1} << (8 * es)) - 1);
   const uint64_t bits = floating ? (all >> 1) : all;  // drop the sign bit of floats
+  const int64_t batch = m.size(0), seqlen = m.size(1);
+  const bool flat = (seqlen == 1 || m.stride(1) == 1) && (batch == 1 || m.stride(0) == seqlen) &&
+                    address(m.const_data_ptr()) % 16 == 0;
   return {static_cast<const char*>(m.const_data_ptr()), m.stride(0) * es, m.stride(1) * es,
-          static_cast<int>(es), bits};
+          static_cast<int>(es), bits, flat};
 }
+
+constexpr Mask kNoMask{nullptr, 0, 0, 1, 0, false};
 
 // Masks the raw-bit reader cannot take (complex) become bool first.
 at::Tensor readable_mask(const at::Tensor& m) {
@@ -520,25 +729,33 @@ struct HostRead {
   }
 };
 
-// Launches _unpad_fwd_kernel over n_tiles tiles (+ tail blocks zeroing rows past nnz).
-template <typename Tiles>
-void launch_unpad_copy(const Tiles& tiles, const at::Tensor& src, int64_t tiles_per_row,
-                       const int64_t* summary, at::Tensor& out, at::Tensor& indices,
-                       int64_t tail_blocks) {
-  const int64_t batch = src.size(0), seqlen = src.size(1), rows = out.size(0);
+// Row layout of a packed copy from src (batch, seqlen, ...) into out (rows, ...), and the V it
+// allows: f(Rows<V>) is called with the widest vector that sizes, strides and pointers allow.
+template <typename F>
+void with_rows(const at::Tensor& src, at::Tensor& out, at::Tensor& indices, F&& f) {
+  const int64_t rows = out.size(0);
   const int64_t es = static_cast<int64_t>(src.element_size());
   const int64_t row_bytes = out.numel() == 0 ? 0 : out.nbytes() / rows;
   const int64_t width = vector_width({row_bytes, address(src.const_data_ptr()), src.stride(0) * es,
                                       src.stride(1) * es, address(out.data_ptr())});
-  const int64_t grid = batch * tiles_per_row + tail_blocks;
-  if (grid == 0 || rows == 0) return;
   with_vector(width, [&](auto tag) {
     using V = decltype(tag);
     const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(V));
-    _unpad_fwd_kernel<V, Tiles><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        tiles, static_cast<const char*>(src.const_data_ptr()), src.stride(0) * es, src.stride(1) * es,
-        batch, seqlen, tiles_per_row, summary, static_cast<V*>(out.data_ptr()),
-        indices.data_ptr<int64_t>(), rows, vectors, threads_per_row(vectors));
+    f(Rows<V>{static_cast<const char*>(src.const_data_ptr()), src.stride(0) * es, src.stride(1) * es,
+              static_cast<V*>(out.data_ptr()), indices.data_ptr<int64_t>(), rows, vectors,
+              threads_per_row(vectors)});
+  });
+}
+
+// Launches _unpad_fwd_kernel: one block per kCopyTile positions.
+template <typename Tiles>
+void launch_unpad_copy(const Tiles& tiles, const at::Tensor& src, at::Tensor& out, at::Tensor& indices) {
+  const int64_t batch = src.size(0), seqlen = src.size(1);
+  if (out.size(0) == 0) return;
+  with_rows(src, out, indices, [&](auto rows) {
+    using V = std::remove_pointer_t<decltype(rows.dst)>;
+    _unpad_fwd_kernel<V, Tiles><<<ceil_div(batch * seqlen, kCopyTile), kThreads, 0,
+                                  c10::cuda::getCurrentCUDAStream()>>>(tiles, rows, batch, seqlen);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -557,53 +774,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> unpad_impl(
   check_token_count(batch, seqlen);
   const auto src = dense_rows(hidden_states, 2);
   const auto int_opts = hidden_states.options().dtype(at::kInt);
+  const auto long_opts = hidden_states.options().dtype(at::kLong);
   auto cu_seqlens = at::empty({batch + 1}, int_opts);
   auto seqused = at::empty({batch}, int_opts);
 
-  if (batch * seqlen == 0) {
+  const int64_t total = batch * seqlen;
+  if (total == 0) {
     const int64_t rows = std::max<int64_t>(capacity, 0);
     cu_seqlens.zero_();
     seqused.zero_();
-    return {at::zeros(packed_shape(src, rows, 2), src.options()),
-            at::zeros({rows}, hidden_states.options().dtype(at::kLong)), cu_seqlens, 0, seqused};
+    return {at::zeros(packed_shape(src, rows, 2), src.options()), at::zeros({rows}, long_opts),
+            cu_seqlens, 0, seqused};
   }
   const auto mask = readable_mask(attention_mask);
   const auto unused = unused_mask.has_value() ? readable_mask(*unused_mask) : at::Tensor();
   const Mask m = make_mask(mask);
-  const Mask u = unused.defined() ? make_mask(unused) : Mask{nullptr, 0, 0, 1, 0};
+  const Mask u = unused.defined() ? make_mask(unused) : kNoMask;
 
-  const int64_t tiles_per_row = ceil_div(seqlen, kTile);
-  const int64_t n_tiles = batch * tiles_per_row;
-  // scratch: counts (n_tiles u64) | summary (2 i64) | tile_offsets (n_tiles i32) | valid_starts (batch+1 i32)
-  auto scratch = at::empty({n_tiles * 8 + 16 + n_tiles * 4 + (batch + 1) * 4},
-                           hidden_states.options().dtype(at::kByte));
+  const bool eager = capacity < 0;
+  const int64_t n_tiles = ceil_div(total, eager ? kScanTile : kFusedTile);
+  const int64_t n_copy_tiles = eager ? ceil_div(total, kCopyTile) : 0;
+  // scratch: ticket, done (u64) | status (n_tiles u64) | summary (2 i64) | valid_starts
+  // (batch+1 i32) | copy_first (n_copy_tiles i32). Only the first (2 + n_tiles) words are zeroed.
+  const int64_t zeroed = (2 + n_tiles) * 8;
+  auto scratch = at::empty({zeroed + 16 + (batch + 1 + n_copy_tiles) * 4}, hidden_states.options().dtype(at::kByte));
   char* base = static_cast<char*>(scratch.data_ptr());
-  auto* counts = reinterpret_cast<uint64_t*>(base);
-  auto* summary = reinterpret_cast<int64_t*>(base + n_tiles * 8);
-  auto* tile_offsets = reinterpret_cast<int32_t*>(base + n_tiles * 8 + 16);
-  auto* valid_starts = reinterpret_cast<int32_t*>(base + n_tiles * 12 + 16);
-
-  _unpad_count_kernel<<<ceil_div(n_tiles, kThreads), kThreads, 0, stream>>>(m, u, batch, seqlen,
-                                                                            tiles_per_row, counts);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto* words = reinterpret_cast<unsigned long long*>(base);
+  auto* summary = reinterpret_cast<int64_t*>(base + zeroed);
+  auto* valid_starts = reinterpret_cast<int32_t*>(base + zeroed + 16);
+  auto* copy_first = valid_starts + batch + 1;
+  C10_CUDA_CHECK(cudaMemsetAsync(base, 0, zeroed, stream));
+  const ScanState state{words, words + 1, words + 2, n_tiles};
   std::optional<HostRead> host_read;
-  if (capacity < 0) host_read.emplace(2);
-  _unpad_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, batch, tiles_per_row, capacity, tile_offsets,
-                                                     cu_seqlens.data_ptr<int32_t>(), valid_starts,
-                                                     seqused.data_ptr<int32_t>(), summary,
-                                                     host_read ? host_read->mapped : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (eager) host_read.emplace(2);
+  const ScanOutputs outputs{m, u, batch, seqlen, cu_seqlens.data_ptr<int32_t>(), valid_starts,
+                            seqused.data_ptr<int32_t>(), summary,
+                            host_read ? host_read->mapped : nullptr, capacity};
 
-  int64_t rows = capacity, max_seqlen = seqlen;
-  if (host_read) {
-    const int64_t* host = host_read->wait(summary, stream);
-    rows = host[0];
-    max_seqlen = host[1];
+  if (!eager) {  // one launch: scan, row copy, zeroed tail; no host sync
+    auto out = at::empty(packed_shape(src, capacity, 2), src.options());
+    auto indices = at::empty({capacity}, long_opts);
+    with_rows(src, out, indices, [&](auto rows) {
+      using V = std::remove_pointer_t<decltype(rows.dst)>;
+      _unpad_capacity_fwd_kernel<V><<<n_tiles + ceil_div(capacity, kTailRows), kThreads, 0, stream>>>(
+          state, outputs, rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return {out, indices, cu_seqlens, seqlen, seqused};
   }
-  auto out = at::empty(packed_shape(src, rows, 2), src.options());
-  auto indices = at::empty({rows}, hidden_states.options().dtype(at::kLong));
-  launch_unpad_copy(MaskTiles{m, u, tile_offsets}, src, tiles_per_row, summary, out, indices,
-                    capacity < 0 ? 0 : ceil_div(rows, kTile));
+  _unpad_scan_kernel<<<n_tiles, kThreads, 0, stream>>>(state, outputs, copy_first);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t* host = host_read->wait(summary, stream);
+  const int64_t nnz = host[0], max_seqlen = host[1];
+  auto out = at::empty(packed_shape(src, nnz, 2), src.options());
+  auto indices = at::empty({nnz}, long_opts);
+  launch_unpad_copy(MaskTiles{m, u, copy_first}, src, out, indices);
   return {out, indices, cu_seqlens, max_seqlen, seqused};
 }
 
@@ -662,14 +887,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::SymInt> unpad_concat_cuda(
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   auto out = at::empty(packed_shape(src, nnz, 2), src.options());
   auto indices = at::empty({nnz}, long_opts);
-  launch_unpad_copy(PrefixTiles{row_starts, row_lens}, src, ceil_div(seqlen, kTile), summary, out,
-                    indices, 0);
+  launch_unpad_copy(PrefixTiles{row_starts, row_lens}, src, out, indices);
   return {out, indices, cu_seqlens, c10::SymInt(max_seqlen)};
-}
-
-bool pad_by_scatter() {
-  const char* strategy = std::getenv("TORCH_VARLEN_PAD_STRATEGY");
-  return strategy != nullptr && std::strcmp(strategy, "scatter") == 0;
 }
 
 at::Tensor pad_cuda(const at::Tensor& hidden_unpad, const at::Tensor& indices_in, int64_t batch,
@@ -689,35 +908,21 @@ at::Tensor pad_cuda(const at::Tensor& hidden_unpad, const at::Tensor& indices_in
   const int64_t row_bytes = out.nbytes() / limit;
   const int64_t width = vector_width({row_bytes, address(src.const_data_ptr()), src.stride(0) * es,
                                       address(out.data_ptr())});
-  const bool scatter = pad_by_scatter();
-  at::Tensor source;
-  if (scatter) {
-    out.zero_();
-  } else {
-    source = at::empty({limit}, indices.options());
-    if (n > 0) {
-      _pad_map_kernel<<<std::min<int64_t>(ceil_div(n, kThreads), 65536), kThreads, 0, stream>>>(
-          indices.const_data_ptr<int64_t>(), n, limit, source.data_ptr<int64_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+  const auto source = at::empty({limit}, indices.options());
+  if (n > 0) {
+    _pad_map_kernel<<<std::min<int64_t>(ceil_div(n, kThreads), 65536), kThreads, 0, stream>>>(
+        indices.const_data_ptr<int64_t>(), n, limit, source.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   with_vector(width, [&](auto tag) {
     using V = decltype(tag);
     const int64_t vectors = row_bytes / static_cast<int64_t>(sizeof(V));
     const int group = threads_per_row(vectors);
     const int rows_per_block = (kThreads / group) * 4;
-    const auto* src_bytes = static_cast<const char*>(src.const_data_ptr());
-    if (scatter) {
-      if (n == 0) return;
-      _pad_scatter_kernel<V><<<ceil_div(n, rows_per_block), kThreads, 0, stream>>>(
-          src_bytes, src.stride(0) * es, n, indices.const_data_ptr<int64_t>(), limit,
-          static_cast<V*>(out.data_ptr()), vectors, group, rows_per_block);
-    } else {
-      _pad_fwd_kernel<V><<<ceil_div(limit, rows_per_block), kThreads, 0, stream>>>(
-          src_bytes, src.stride(0) * es, n, indices.const_data_ptr<int64_t>(),
-          source.const_data_ptr<int64_t>(), limit, static_cast<V*>(out.data_ptr()), vectors, group,
-          rows_per_block);
-    }
+    _pad_fwd_kernel<V><<<ceil_div(limit, rows_per_block), kThreads, 0, stream>>>(
+        static_cast<const char*>(src.const_data_ptr()), src.stride(0) * es, n,
+        indices.const_data_ptr<int64_t>(), source.const_data_ptr<int64_t>(), limit,
+        static_cast<V*>(out.data_ptr()), vectors, group, rows_per_block);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
