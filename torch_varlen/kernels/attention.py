@@ -227,15 +227,13 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                         USE_TMA: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr,
-                         P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
-                         DOT_PRECISION: tl.constexpr):
+                         USE_TMA: tl.constexpr, P_SCALE: tl.constexpr,
+                         POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
     MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
     tensor descriptors K_DESC / V_DESC (columns desc_col_*) instead of pointers (unmasked
-    blocks only); V_KEYS_CONTIGUOUS: V is laid out keys-fastest (FP8) and V_DESC is a
-    descriptor over (nheads_k * headdim_v, keys); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
+    blocks only); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
     so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out);
     POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step).
     """
@@ -266,9 +264,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
                                  threshold)
             p = tl.where(keep, p, 0.0)
-        if USE_TMA and not MASK and V_KEYS_CONTIGUOUS:
-            v = tl.trans(V_DESC.load([desc_col_v, (sk + n).to(tl.int32)]))
-        elif USE_TMA and not MASK:
+        if USE_TMA and not MASK:
             v = V_DESC.load([(sk + n).to(tl.int32), desc_col_v])
         else:
             v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
@@ -292,8 +288,7 @@ def _attention_fwd_kernel(
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, V_KEYS_CONTIGUOUS: tl.constexpr,
-    REVERSE: tl.constexpr,
+    HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -304,7 +299,7 @@ def _attention_fwd_kernel(
     HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; HAS_DESCALE: FP8 inputs with descale
     factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
     USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
-    (total_k, nheads_k * headdim); V_KEYS_CONTIGUOUS: see _attention_fwd_inner; REVERSE: a
+    (total_k, nheads_k * headdim); REVERSE: a
     sequence's last query tile runs first (with a causal window it has the most keys);
     P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner (with descales the kernel makes the
     latter hold by flipping q's sign); ZERO_TAIL: zero the rows after the last sequence (no
@@ -372,22 +367,19 @@ def _attention_fwd_kernel(
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
-        DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
-        DOT_PRECISION)
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, V_KEYS_CONTIGUOUS, P_SCALE, POSITIVE_SCALE,
-        DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -876,28 +868,19 @@ def _descriptor(t2d, block_shape):
     return TensorDescriptor(t2d, [rows, cols], [t2d.stride(0), 1], block_shape) if ok else None
 
 
-def _kv_descriptors(k, v, block_n, v_keys_contiguous):
+def _kv_descriptors(k, v, block_n):
     """TMA descriptors for unmasked K/V blocks, or None (then the kernel loads through
-    pointers). K: (total_k, nheads_k * headdim) with blocks (block_n, headdim); V the same, or
-    with v_keys_contiguous (v a view of _fp8_v_transposed) (nheads_k * headdim_v, total_k)
-    with blocks (headdim_v, block_n)."""
-    def flat(t):  # (total, heads, d) with d and heads dense -> (total, heads * d), else None
+    pointers): (total_k, nheads_k * headdim) views with blocks (block_n, headdim)."""
+    descs = []
+    for t in (k, v):
         total, heads, d = t.shape
         if d != _block(d) or t.stride(2) != 1 or t.stride(1) != d:
             return None
-        return t.as_strided((total, heads * d), (t.stride(0), 1))
-
-    k2 = flat(k)
-    k_desc = _descriptor(k2, [block_n, k.shape[2]]) if k2 is not None else None
-    total, heads, dv = v.shape
-    if v_keys_contiguous:
-        ok = dv == _block(dv, 32) and v.stride(0) == 1 and v.stride(1) == dv * v.stride(2)
-        v2 = v.as_strided((heads * dv, total), (v.stride(2), 1)) if ok else None
-        v_desc = _descriptor(v2, [dv, block_n]) if ok else None
-    else:
-        v2 = flat(v)
-        v_desc = _descriptor(v2, [block_n, dv]) if v2 is not None else None
-    return (k_desc, v_desc) if k_desc is not None and v_desc is not None else None
+        desc = _descriptor(t.as_strided((total, heads * d), (t.stride(0), 1)), [block_n, d])
+        if desc is None:
+            return None
+        descs.append(desc)
+    return descs
 
 
 def _fp8_v_transposed(v):
@@ -934,11 +917,11 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         lse.fill_(float("nan"))
     cfg = _config("fwd", q, v, window_left, window_right, config)
     block_m, block_n = cfg["block_m"], cfg["block_n"]
+    # FP8 loads through pointers: a TMA path for its keys-fastest V hit an illegal instruction
+    # on the H200 (benchmarks/NOTES.md) and was removed.
+    descs = _kv_descriptors(k, v, block_n) if cfg["tma"] and not fp8 else None
     if fp8:
         v = _fp8_v_transposed(v)
-    # FP8 always tries TMA: its keys-fastest V rows start at any key, which pointer loads can
-    # only read byte by byte.
-    descs = _kv_descriptors(k, v, block_n, fp8) if cfg["tma"] or fp8 else None
     (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
         _descale(t, q) for t in (q_descale, k_descale, v_descale))
     grid = c.grid(total_q, block_m, c.nheads)
@@ -949,7 +932,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None,
-                V_KEYS_CONTIGUOUS=fp8, P_SCALE=256.0 if fp8 else 1.0,
+                P_SCALE=256.0 if fp8 else 1.0,
                 POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **c.flags)
