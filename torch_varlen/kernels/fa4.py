@@ -99,6 +99,11 @@ def supported(q, k, v, *, alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlen
     if not _head_dims_ok(d, dv, major):
         return False, (f"head dims (headdim, headdim_v) = ({d}, {dv}) are not supported by "
                        f"FlashAttention-4 on compute capability {major}.x")
+    if major == 9 and d != dv and q.shape[-2] != k.shape[-2]:
+        # FA4's SM90 backward asserts "GQA backward requires head_dim == head_dim_v" (seen on
+        # the H200); the forward would run, but a call's backward must use its forward's backend.
+        return False, (f"GQA/MQA with headdim_v != headdim ({d}, {dv}) is not supported by "
+                       "FlashAttention-4's backward on compute capability 9.x")
     return True, ""
 
 
