@@ -706,11 +706,11 @@ def _attention_bwd_dq_kernel(
 # take precedence; nothing is tuned at run time, so the first call of a shape costs one compile
 # per kernel and nothing more.
 _FWD_CONFIGS = {16: (64, 64, 4, 3), 32: (128, 64, 4, 3), 64: (128, 64, 4, 3),
-                128: (128, 64, 8, 3), 256: (64, 64, 8, 2)}
+                128: (128, 64, 8, 3), 256: (128, 64, 8, 2)}
 _DKDV_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-                 128: (32, 64, 4, 3), 256: (32, 64, 8, 1)}
+                 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)}
 _DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
-               128: (128, 64, 8, 3), 256: (64, 32, 8, 1)}
+               128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 # float32 tiles are twice the bytes: halve both tile edges.
 # Under TRITON_INTERPRET=1 (CI on the CPU) small, unequal tiles keep runs fast and catch
 # a BLOCK_M / BLOCK_N mix-up.
