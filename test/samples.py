@@ -117,3 +117,26 @@ def attention_sample_inputs(device, dtype=torch.float32, requires_grad=False) ->
              name="alibi_batch_softcap_window")
     yield mk([3, 0, 4], [2, 3, 4], 2, 1, 8, 6, pad_q=2, pad_k=1, causal=True, name="padded_cu_seqlens")
     yield mk([4, 3], [4, 3], 2, 2, 8, 8, softmax_scale=0.3, name="scale")
+
+
+def assert_compiled_step_matches_eager(loss_fn, layer, width, batches, device="cuda",
+                                       dtype=torch.bfloat16):
+    """torch.compile(loss_fn, fullgraph=True, dynamic=True)(layer, x, cu_seqlens, max_seqlen)
+    over packed batches of the given lengths: loss and parameter gradients match eager, and one
+    compile serves every batch (no graph break, no recompile)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(loss_fn, backend=counter, fullgraph=True, dynamic=True)
+    for lengths in batches:
+        cu = cu_seqlens(lengths, device)
+        x = torch.randn(sum(lengths), width, device=device, dtype=dtype)
+        loss = step(layer, x, cu, max(lengths))
+        grads = torch.autograd.grad(loss, list(layer.parameters()))
+        loss_e = loss_fn(layer, x, cu, max(lengths))
+        grads_e = torch.autograd.grad(loss_e, list(layer.parameters()))
+        torch.testing.assert_close(loss, loss_e, rtol=2e-2, atol=1e-3)
+        for g, ge in zip(grads, grads_e):
+            torch.testing.assert_close(g, ge, rtol=5e-2, atol=5e-3)
+    assert counter.frame_count == 1

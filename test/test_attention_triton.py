@@ -27,7 +27,8 @@ import torch
 import torch_varlen
 from torch_varlen import reference
 from conftest import DEVICES, requires_cuda
-from samples import attention_sample_inputs, cu_seqlens, make_attention_sample
+from samples import (assert_compiled_step_matches_eager, attention_sample_inputs, cu_seqlens,
+                     make_attention_sample)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 REPO = Path(__file__).resolve().parent.parent
@@ -452,23 +453,8 @@ def _layer_forward(layer, x, cu, max_seqlen, nheads=4, headdim=16):
 
 @requires_cuda
 def test_gpu_compiled_training_step_no_recompile():
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    layer = _layer()
-    counter = CompileCounterWithBackend("inductor")
-    step = torch.compile(_layer_forward, backend=counter, fullgraph=True, dynamic=True)
-    for lengths in ([5, 17, 0, 64], [100, 3], [1, 2, 3, 4, 5, 6], [250]):
-        cu = cu_seqlens(lengths, "cuda")
-        x = torch.randn(sum(lengths), 64, device="cuda", dtype=torch.bfloat16)
-        loss = step(layer, x, cu, max(lengths))
-        grads = torch.autograd.grad(loss, list(layer.parameters()))
-        loss_e = _layer_forward(layer, x, cu, max(lengths))
-        grads_e = torch.autograd.grad(loss_e, list(layer.parameters()))
-        torch.testing.assert_close(loss, loss_e, rtol=2e-2, atol=1e-3)
-        for g, ge in zip(grads, grads_e):
-            torch.testing.assert_close(g, ge, rtol=5e-2, atol=5e-3)
-    assert counter.frame_count == 1
+    assert_compiled_step_matches_eager(_layer_forward, _layer(), 64,
+                                       ([5, 17, 0, 64], [100, 3], [1, 2, 3, 4, 5, 6], [250]))
 
 
 def _pack(hidden, mask):

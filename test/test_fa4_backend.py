@@ -33,7 +33,7 @@ import torch_varlen  # noqa: E402
 from torch_varlen import ops as varlen_ops  # noqa: E402
 from torch_varlen.kernels import fa4  # noqa: E402
 from conftest import requires_cuda  # noqa: E402
-from samples import cu_seqlens, make_attention_sample  # noqa: E402
+from samples import assert_compiled_step_matches_eager, cu_seqlens, make_attention_sample  # noqa: E402
 from test_attention_triton import _check, _finite  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -431,23 +431,9 @@ def _layer_loss(layer, x, cu, max_seqlen):
 
 @requires_cuda
 def test_gpu_compiled_training_step_with_fa4(fa4_gpu):
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    layer = _layer()
-    counter = CompileCounterWithBackend("inductor")
-    step = torch.compile(_layer_loss, backend=counter, fullgraph=True, dynamic=True)
-    for lengths in ([5, 17, 0, 64], [100, 3], [250]):
-        cu = cu_seqlens(lengths, "cuda")
-        x = torch.randn(sum(lengths), 128, device="cuda", dtype=torch.bfloat16)
-        loss = step(layer, x, cu, max(lengths))
-        grads = torch.autograd.grad(loss, list(layer.parameters()))
-        loss_e = _layer_loss(layer, x, cu, max(lengths))
-        grads_e = torch.autograd.grad(loss_e, list(layer.parameters()))
-        torch.testing.assert_close(loss, loss_e, rtol=2e-2, atol=1e-3)
-        for g, ge in zip(grads, grads_e):
-            torch.testing.assert_close(g, ge, rtol=5e-2, atol=5e-3)
-    assert counter.frame_count == 1  # fullgraph=True: no graph break; dynamic: no recompile
+    # fullgraph=True: no graph break; dynamic: no recompile across lengths
+    assert_compiled_step_matches_eager(_layer_loss, _layer(), 128,
+                                       ([5, 17, 0, 64], [100, 3], [250]))
 
 
 @requires_cuda

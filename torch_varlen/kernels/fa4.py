@@ -191,14 +191,19 @@ def _like(grad, ref):
     return grad if out.stride() == grad.stride() else out.copy_(grad)
 
 
+def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left, window_right, softcap):
+    """Checks, then (interface, cu_seqlens_q/k with the tails covered, FA4's window)."""
+    check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left=window_left,
+                           window_right=window_right, softcap=softcap)
+    cu_q, cu_k = _cover_tails(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
+    return (_fa4_interface(), cu_q, cu_k, *_window(window_left, window_right))
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left=-1, window_right=-1,
             softcap=0.0):
     """FA4 forward -> (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32)."""
-    check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left=window_left,
-                           window_right=window_right, softcap=softcap)
-    fa4 = _fa4_interface()
-    cu_q, cu_k = _cover_tails(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    left, right = _window(window_left, window_right)
+    fa4, cu_q, cu_k, left, right = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left,
+                                            window_right, softcap)
     with torch.cuda.device(q.device):
         out, lse = fa4._flash_attn_fwd(
             q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
@@ -212,11 +217,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left=-1, 
 def backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,
              window_left=-1, window_right=-1, softcap=0.0, deterministic=False, grad_lse=None):
     """FA4 backward -> (grad_q, grad_k, grad_v), each in its input's dtype and layout."""
-    check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left=window_left,
-                           window_right=window_right, softcap=softcap)
-    fa4 = _fa4_interface()
-    cu_q, cu_k = _cover_tails(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0])
-    left, right = _window(window_left, window_right)
+    fa4, cu_q, cu_k, left, right = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left,
+                                            window_right, softcap)
     with torch.cuda.device(q.device):
         dq, dk, dv = fa4._flash_attn_bwd(
             q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
