@@ -299,11 +299,11 @@ def _attention_fwd_kernel(
     HAS_SOFTCAP / HAS_ALIBI / HAS_DROPOUT: features on; HAS_DESCALE: FP8 inputs with descale
     factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
     USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
-    (total_k, nheads_k * headdim); REVERSE: a
-    sequence's last query tile runs first (with a causal window it has the most keys);
-    P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner (with descales the kernel makes the
-    latter hold by flipping q's sign); ZERO_TAIL: zero the rows after the last sequence (no
-    cu_seqlens_q_padded); DOT_PRECISION: tl.dot input_precision.
+    (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
+    causal window it has the most keys); P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner
+    (with descales the kernel makes the latter hold by flipping q's sign); ZERO_TAIL: zero the
+    rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot
+    input_precision.
     """
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -556,20 +556,20 @@ def _attention_bwd_dkdv_kernel(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_start, m_a, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, True, DOT_PRECISION)
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP,
+            HAS_ALIBI, HAS_DROPOUT, True, DOT_PRECISION)
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_a, m_c, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, False, DOT_PRECISION)
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP,
+            HAS_ALIBI, HAS_DROPOUT, False, DOT_PRECISION)
         dk, dv = _attention_bwd_dkdv_inner(
             dk, dv, k, v, q_ptrs0, do_ptrs0, lse_h, delta_h, sq, total_q, m_c, hi, offs_m,
             offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
             softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP, HAS_ALIBI,
-            HAS_DROPOUT, True, DOT_PRECISION)
+            stride_qt, stride_dot, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_M, HAS_SOFTCAP,
+            HAS_ALIBI, HAS_DROPOUT, True, DOT_PRECISION)
     tl.store(DK + krow[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :] * stride_dkd,
              (dk * softmax_scale).to(DK.dtype.element_ty),
              mask=kin[:, None] & (offs_d[None, :] < HEADDIM))
@@ -676,23 +676,20 @@ def _attention_bwd_dq_kernel(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT,
-        True, DOT_PRECISION)
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, True, DOT_PRECISION)
     dq = _attention_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_a, n_c, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT,
-        False, DOT_PRECISION)
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, False, DOT_PRECISION)
     dq = _attention_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_c, n_end, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
         softcap, slope_log2, seed, rng_offset, threshold, dropout_scale, h, row0,
-        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT,
-        True, DOT_PRECISION)
+        stride_kt, stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP,
+        HAS_ALIBI, HAS_DROPOUT, True, DOT_PRECISION)
     tl.store(DQ + qrow[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
              (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=qin[:, None] & (offs_d[None, :] < HEADDIM))
