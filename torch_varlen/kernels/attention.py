@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes
+from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, out_dtype
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -905,8 +905,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 rng_state, q_descale, k_descale, v_descale)
     fp8 = q.dtype == FP8
     total_q = q.shape[0]
-    out_dtype = torch.bfloat16 if fp8 else q.dtype
-    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype)
+    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype(q))
     lse = q.new_empty((c.nheads, total_q), dtype=torch.float32)
     if c.padded_q:
         lse.fill_(float("-inf"))
