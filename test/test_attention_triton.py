@@ -57,6 +57,14 @@ if INTERPRET:
 from torch_varlen.kernels import attention as triton_attention  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def our_kernels():
+    """These tests are about the Triton kernels: with FlashAttention-4 installed, backend "auto"
+    would run FA4 for most calls (test_fa4_backend.py tests that path)."""
+    with torch_varlen.attention_backend("torch_varlen"):
+        yield
+
+
 @pytest.fixture(autouse=INTERPRET)
 def interpreter_bounds_check():
     """Under the interpreter, fail any load or store (mask on) outside the storages of the
@@ -575,7 +583,8 @@ _AOTI_SCRIPT = textwrap.dedent("""
 
 
 def _run_aoti(which, device, tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]),
+               TORCH_VARLEN_ATTENTION_BACKEND="torch_varlen")
     return subprocess.run([sys.executable, "-c", _AOTI_SCRIPT, which, device, str(tmp_path / f"{which}.pt2")],
                           env=env, capture_output=True, text=True, timeout=900)
 
@@ -617,7 +626,8 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
 @requires_cuda
 @pytest.mark.skipif(shutil.which("compute-sanitizer") is None, reason="compute-sanitizer not on PATH")
 def test_gpu_compute_sanitizer_memcheck_clean():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "test")]),
+               TORCH_VARLEN_ATTENTION_BACKEND="torch_varlen")
     proc = subprocess.run(
         ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "3",
          sys.executable, "-c", _SANITIZER_SCRIPT],
