@@ -274,6 +274,45 @@ def test_interp_dropout_same_as_cpu_kernel():
 
 
 @interp_only
+@pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
+def test_interp_tuner_keeps_the_fastest_candidate_that_matches(kind, monkeypatch):
+    """tune.tune_key runs every candidate, drops one whose output is wrong and returns the
+    fastest of the rest (timings stubbed: the interpreter has no clock worth tuning on)."""
+    import triton.testing
+
+    from torch_varlen import tune
+
+    bm, bn = {"fwd": (32, 16), "dkdv": (16, 32), "dq": (32, 16)}[kind]
+    tiles = [(bm, bn), (16, 16), (bm, 32)]
+    monkeypatch.setattr(tune, "_candidates", lambda *a: [
+        dict(block_m=m, block_n=n, warps=4, stages=1, tma=False, reverse=False) for m, n in tiles])
+    fake_ms = {None: 3.0, (bm, bn): 2.0, (16, 16): 1.0, (bm, 32): 0.5}
+    broken = (bm, 32)  # the "fastest" candidate computes garbage: the tuner must drop it
+    name = "attention_forward" if kind == "fwd" else "attention_backward"
+    launch = getattr(triton_attention, name)
+    last = []
+
+    def launch_and_record(*args, config=None, **kwargs):
+        cfg = config if kind == "fwd" else (config or {}).get(kind)
+        tile = None if cfg is None else (cfg["block_m"], cfg["block_n"])
+        last.append(tile)
+        result = launch(*args, config=config, **kwargs)
+        return tuple(r + 1 for r in result) if tile == broken else result
+
+    def fake_bench(fn, **_):
+        fn()
+        return fake_ms[last[-1]]
+
+    monkeypatch.setattr(triton_attention, name, launch_and_record)
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    entry = tune.tune_key(kind, "float32", 16, "causal", log=lambda m: None, total=150, nheads=2,
+                          device="cpu")
+    assert (entry["block_m"], entry["block_n"]) == (16, 16)
+    assert entry["ms"] == 1.0 and entry["fallback_ms"] == 3.0
+    assert set(tiles) <= set(last)  # every candidate ran
+
+
+@interp_only
 def test_interp_rows_after_last_sequence(poison):
     # A capacity-style buffer: rows past cu_seqlens[-1] give out 0, lse -inf, zero grads.
     s = make_attention_sample([5, 9], [7, 3], 2, 2, 16, 16, "cpu", torch.float32, causal=True)

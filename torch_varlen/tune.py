@@ -18,7 +18,8 @@ import time
 
 import torch
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "float8_e4m3fn": torch.float8_e4m3fn}
 
 # (block_m, block_n, warps, stages) candidates per padded head dim; each is tried with and
 # without TMA descriptors (forward only), and for causal forwards with the reverse tile order.
