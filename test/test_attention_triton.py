@@ -13,6 +13,7 @@ errors against the float64 reference; outputs are NaN-poisoned before the kernel
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -345,6 +346,33 @@ def test_interp_bad_cu_seqlens_stay_in_bounds():
     s.cu_seqlens_q = torch.tensor([0, 5, 60], dtype=torch.int32)
     s.cu_seqlens_k = torch.tensor([0, 40, 41], dtype=torch.int32)
     _run_launchers(s, torch.randn(14, 2, 16), torch.randn(2, 14))
+
+
+def test_tuned_configs_lookup(tmp_path, monkeypatch):
+    """The shipped table parses and holds H200 entries; keys name (kernel, dtype, head dims,
+    mask kind); float16 falls back to bfloat16's entry; TORCH_VARLEN_TUNED_CONFIGS swaps the
+    file."""
+    A = triton_attention
+    assert A.mask_kind(-1, -1) == "full" and A.mask_kind(-1, 0) == "causal"
+    assert A.mask_kind(16, 0) == "window" and A.mask_kind(-1, 4) == "window"
+    A._tuned_table.cache_clear()
+    shipped = A._tuned_table("NVIDIA H200")
+    assert A.tuned_entry(shipped, "fwd", torch.bfloat16, 128, 128, "full")["block_m"] > 0
+    entry = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"version": 1, "gpus": {"GPU X": {
+        A.tuning_key("dq", torch.bfloat16, 96, 64, "causal"): entry}}}))
+    monkeypatch.setenv("TORCH_VARLEN_TUNED_CONFIGS", str(path))
+    A._tuned_table.cache_clear()
+    try:
+        table = A._tuned_table("GPU X")
+        assert A.tuned_entry(table, "dq", torch.bfloat16, 96, 64, "causal") == entry
+        assert A.tuned_entry(table, "dq", torch.float16, 96, 64, "causal") == entry
+        assert A.tuned_entry(table, "dq", torch.float32, 96, 64, "causal") is None
+        assert A.tuned_entry(table, "dq", torch.bfloat16, 96, 64, "full") is None
+        assert A._tuned_table("GPU Y") == {}
+    finally:
+        A._tuned_table.cache_clear()
 
 
 # ---------------------------------------------------------------- argument errors (any device)

@@ -727,6 +727,17 @@ def tuning_key(kind: str, dtype: torch.dtype, headdim: int, headdim_v: int, mask
     return f"{kind}|{str(dtype).replace('torch.', '')}|{headdim}|{headdim_v}|{mask}"
 
 
+def tuned_entry(table: dict, kind: str, dtype: torch.dtype, headdim: int, headdim_v: int,
+                mask: str) -> dict | None:
+    """One GPU's tuned entry for a launch, or None. float16 tiles cost what bfloat16 tiles
+    cost: float16 uses bfloat16's entry when it has none of its own."""
+    for d in (dtype, torch.bfloat16) if dtype == torch.float16 else (dtype,):
+        entry = table.get(tuning_key(kind, d, headdim, headdim_v, mask))
+        if entry is not None:
+            return entry
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned_table(device_name: str) -> dict:
     path = os.environ.get("TORCH_VARLEN_TUNED_CONFIGS", TUNED_CONFIGS_PATH)
@@ -759,12 +770,10 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
     if q.is_cuda:
         table = _tuned_table(_device_name(q.device.index if q.device.index is not None
                                           else torch.cuda.current_device()))
-        mask = mask_kind(window_left, window_right)
-        # float16 tiles cost what bfloat16 tiles cost: use bfloat16's entry when float16 has none.
-        for dtype in (q.dtype, torch.bfloat16) if q.dtype == torch.float16 else (q.dtype,):
-            entry = table.get(tuning_key(kind, dtype, q.shape[2], v.shape[2], mask))
-            if entry is not None:
-                return {**_DEFAULT_SWITCHES, **entry}
+        entry = tuned_entry(table, kind, q.dtype, q.shape[2], v.shape[2],
+                            mask_kind(window_left, window_right))
+        if entry is not None:
+            return {**_DEFAULT_SWITCHES, **entry}
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
     if q.dtype == torch.float32:
