@@ -45,11 +45,6 @@
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in GCC 12's avx512fintrin.h
 #include "cpu/attention_kernel.h"
 #pragma GCC diagnostic pop
-#undef VARLEN_ISA_NS
-#undef VARLEN_VEC_BYTES
-#undef VARLEN_GEMM_MR
-#undef VARLEN_GEMM_NV
-#undef VARLEN_AMX
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -59,10 +54,6 @@
 #define VARLEN_GEMM_MR 4
 #define VARLEN_GEMM_NV 4
 #include "cpu/attention_kernel.h"
-#undef VARLEN_ISA_NS
-#undef VARLEN_VEC_BYTES
-#undef VARLEN_GEMM_MR
-#undef VARLEN_GEMM_NV
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -72,10 +63,6 @@
 #define VARLEN_GEMM_MR 4
 #define VARLEN_GEMM_NV 2
 #include "cpu/attention_kernel.h"
-#undef VARLEN_ISA_NS
-#undef VARLEN_VEC_BYTES
-#undef VARLEN_GEMM_MR
-#undef VARLEN_GEMM_NV
 #pragma GCC pop_options
 #endif
 
@@ -84,10 +71,6 @@
 #define VARLEN_GEMM_MR 4
 #define VARLEN_GEMM_NV 2
 #include "cpu/attention_kernel.h"
-#undef VARLEN_ISA_NS
-#undef VARLEN_VEC_BYTES
-#undef VARLEN_GEMM_MR
-#undef VARLEN_GEMM_NV
 
 namespace varlen {
 namespace attn {

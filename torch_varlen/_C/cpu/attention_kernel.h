@@ -24,7 +24,7 @@
 //  * an ISA part, included once per instruction set inside `namespace VARLEN_ISA_NS`, with
 //    VARLEN_VEC_BYTES (vector width), VARLEN_GEMM_MR (rows) and VARLEN_GEMM_NV (vectors per
 //    row) of the GEMM register tile defined by the includer, which also sets the target
-//    (attention.cpp: #pragma GCC target). Each ISA gets its own namespace, so no inline
+//    (attention.cpp: #pragma GCC target); the ISA part undefines them at its end. Each ISA gets its own namespace, so no inline
 //    function is compiled for two targets under one name. With VARLEN_AMX also defined (an
 //    x86 AVX-512 + AMX build), the bfloat16 forward multiplies on AMX tiles.
 
@@ -873,4 +873,10 @@ void backward_dq_items(const Params<scalar_t, acc_t>& p, const Block* blocks, in
 }  // namespace attn
 }  // namespace varlen
 
+// The ISA part consumes its parameters, so the next inclusion defines them afresh.
+#undef VARLEN_ISA_NS
+#undef VARLEN_VEC_BYTES
+#undef VARLEN_GEMM_MR
+#undef VARLEN_GEMM_NV
+#undef VARLEN_AMX
 #endif  // VARLEN_ISA_NS
