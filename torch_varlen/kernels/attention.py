@@ -195,6 +195,23 @@ def _load_rows(ptrs0, rows, total, stride_t, offs_c, NCOLS: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _sequence_lengths(CU_Q, CU_K, b):
+    """(cu_seqlens_q[b], Lq, Lk) of sequence b."""
+    row0 = tl.load(CU_Q + b)
+    return row0, tl.load(CU_Q + b + 1) - row0, tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+
+
+@triton.jit
+def _store_zero_rows(PTR, rows, total, stride_t, head_off, offs_c, stride_c, NCOLS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Zero rows ``rows`` (int64; those inside [0, total)) of one head (at head_off) of a
+    (total, heads, NCOLS) buffer. BLOCK_R / BLOCK_C: rows.shape and offs_c.shape."""
+    tl.store(PTR + rows[:, None] * stride_t + head_off + offs_c[None, :] * stride_c,
+             tl.zeros((BLOCK_R, BLOCK_C), PTR.dtype.element_ty),
+             mask=((rows >= 0) & (rows < total))[:, None] & (offs_c[None, :] < NCOLS))
+
+
+@triton.jit
 def _load_rng(RNG, HAS_DROPOUT: tl.constexpr):
     """(seed, offset) from the int64 rng_state tensor; zeros without dropout."""
     seed = 0
@@ -316,16 +333,12 @@ def _attention_fwd_kernel(
     if b >= batch:
         if ZERO_TAIL:
             rows = (tl.load(CU_Q + batch) + mt * BLOCK_M + offs_m).to(tl.int64)
-            rin = (rows >= 0) & (rows < total_q)
-            tl.store(OUT + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
-                     tl.zeros((BLOCK_M, BLOCK_DV), OUT.dtype.element_ty),
-                     mask=rin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+            _store_zero_rows(OUT, rows, total_q, stride_ot, h * stride_oh, offs_dv, stride_od,
+                             HEADDIM_V, BLOCK_M, BLOCK_DV)
             tl.store(LSE + h * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), tl.float32),
-                     mask=rin)
+                     mask=(rows >= 0) & (rows < total_q))
         return
-    row0 = tl.load(CU_Q + b)
-    Lq = tl.load(CU_Q + b + 1) - row0
-    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    row0, Lq, Lk = _sequence_lengths(CU_Q, CU_K, b)
     m0 = mt * BLOCK_M
     if m0 >= Lq:
         return
@@ -501,17 +514,12 @@ def _attention_bwd_dkdv_kernel(
     if b >= batch:
         if ZERO_TAIL:
             rows = (tl.load(CU_K + batch) + nt * BLOCK_N + offs_n).to(tl.int64)
-            rin = (rows >= 0) & (rows < total_k)
-            tl.store(DK + rows[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :] * stride_dkd,
-                     tl.zeros((BLOCK_N, BLOCK_D), DK.dtype.element_ty),
-                     mask=rin[:, None] & (offs_d[None, :] < HEADDIM))
-            tl.store(DV + rows[:, None] * stride_dvt + hk * stride_dvh + offs_dv[None, :] * stride_dvd,
-                     tl.zeros((BLOCK_N, BLOCK_DV), DV.dtype.element_ty),
-                     mask=rin[:, None] & (offs_dv[None, :] < HEADDIM_V))
+            _store_zero_rows(DK, rows, total_k, stride_dkt, hk * stride_dkh, offs_d, stride_dkd,
+                             HEADDIM, BLOCK_N, BLOCK_D)
+            _store_zero_rows(DV, rows, total_k, stride_dvt, hk * stride_dvh, offs_dv, stride_dvd,
+                             HEADDIM_V, BLOCK_N, BLOCK_DV)
         return
-    row0 = tl.load(CU_Q + b)
-    Lq = tl.load(CU_Q + b + 1) - row0
-    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    row0, Lq, Lk = _sequence_lengths(CU_Q, CU_K, b)
     n0 = nt * BLOCK_N
     if n0 >= Lk:
         return
@@ -636,14 +644,10 @@ def _attention_bwd_dq_kernel(
     if b >= batch:
         if ZERO_TAIL:
             rows = (tl.load(CU_Q + batch) + mt * BLOCK_M + offs_m).to(tl.int64)
-            rin = (rows >= 0) & (rows < total_q)
-            tl.store(DQ + rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :] * stride_dqd,
-                     tl.zeros((BLOCK_M, BLOCK_D), DQ.dtype.element_ty),
-                     mask=rin[:, None] & (offs_d[None, :] < HEADDIM))
+            _store_zero_rows(DQ, rows, total_q, stride_dqt, h * stride_dqh, offs_d, stride_dqd,
+                             HEADDIM, BLOCK_M, BLOCK_D)
         return
-    row0 = tl.load(CU_Q + b)
-    Lq = tl.load(CU_Q + b + 1) - row0
-    Lk = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
+    row0, Lq, Lk = _sequence_lengths(CU_Q, CU_K, b)
     m0 = mt * BLOCK_M
     if m0 >= Lq:
         return

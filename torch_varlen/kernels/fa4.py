@@ -22,7 +22,7 @@ Three details keep FA4's results equal to our contract (DESIGN.md "Semantics"):
   tile per sequence; with ``deterministic`` the backward sizes its dQ semaphores from it. A
   hint below the true maximum would give wrong results or out-of-bounds writes, so we pass
   None and FA4 uses ``total_q`` / ``total_k`` from the shapes (on SM90 the grids come from the
-  shapes anyway). No path we use reads a tensor on the host: no ``.item()`` / ``.cpu()``.
+  shapes anyway). No path we use reads a tensor's values on the host (no host sync).
 - Rows outside every sequence (``total_q > cu_seqlens_q[-1]``) must give out 0, lse -inf and
   zero gradients; FA4 never visits them. ``_cover_tails`` appends two sequences on the device:
   (Lq 0, the spare keys) and (the spare queries, Lk 0). FA4 writes 0 / -inf for queries that
