@@ -213,6 +213,20 @@ def test_misaligned_and_strided_rows():
         assert_same([ops.pad(packed, out[1], *h.shape[:2])], [reference.pad(out[0], out[1], *h.shape[:2])])
 
 
+def test_eager_unpad_outputs_are_plain_tensors():
+    """Eager unpad copies into buffers of batch*seqlen rows and shrinks them in place: the
+    outputs must be ordinary (non-view) contiguous tensors that autograd lets a user modify
+    in place, with gradients that still reach only the kept positions."""
+    h = fresh((6, 50, 8), torch.float32, "cuda").requires_grad_()
+    m = torch.rand(6, 50, device="cuda") > 0.4
+    hu, idx, *_ = unpad_input(h, m)
+    assert not hu._is_view() and not idx._is_view() and hu.is_contiguous()
+    assert hu.shape == (int(m.sum()), 8)
+    hu.mul_(3.0)  # in place on an op output: no "view created inside a custom Function" error
+    hu.sum().backward()
+    assert torch.equal(h.grad, 3.0 * m[..., None].float().expand_as(h))
+
+
 def count_syncs(fn):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

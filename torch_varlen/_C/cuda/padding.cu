@@ -16,8 +16,9 @@
 //
 // unpad:          memset -> _unpad_scan_kernel (tiles of kScanTile positions: cu_seqlens,
 //                 seqused, the first output row of each kCopyTile positions, (nnz, max_seqlen))
-//                 -> ONE device-to-host read of (nnz, max_seqlen) -> _unpad_fwd_kernel
-//                 (each block compacts kCopyTile positions: indices + rows).
+//                 -> _unpad_fwd_kernel (each block compacts kCopyTile positions: indices +
+//                 rows, into buffers of batch*seqlen rows) while the host does its ONE read
+//                 of (nnz, max_seqlen); the outputs are the buffers' first nnz rows.
 // unpad_capacity: memset -> _unpad_capacity_fwd_kernel: the same scan over tiles of
 //                 kFusedTile positions, and each block copies its tile's rows as soon as its
 //                 prefix is known; blocks past the last tile zero the rows from nnz to capacity.
@@ -703,13 +704,17 @@ void check_token_count(int64_t batch, int64_t seqlen) {
 
 // The op's one host read: n int64 values that a kernel writes. Where pinned memory is mapped
 // into the device's address space (unified addressing), the kernel writes them straight into
-// it and the host only waits for the stream; elsewhere one device-to-host copy brings them.
+// it; elsewhere request() queues one device-to-host copy. request() goes on the stream right
+// after that kernel and wait() blocks only until then, so work queued in between (the eager
+// unpad's row copy) runs on the GPU while the host waits.
 struct HostRead {
   at::Tensor pinned;
   int64_t* mapped = nullptr;  // device address of `pinned`, nullptr when not mapped
+  cudaEvent_t ready = nullptr;
 
   explicit HostRead(int64_t n)
       : pinned(at::empty({n}, at::TensorOptions().dtype(at::kLong).pinned_memory(true))) {
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming));
     void* device_address = nullptr;
     if (cudaHostGetDevicePointer(&device_address, pinned.data_ptr(), 0) == cudaSuccess) {
       mapped = static_cast<int64_t*>(device_address);
@@ -718,15 +723,26 @@ struct HostRead {
     }
   }
 
-  const int64_t* wait(const int64_t* device_values, cudaStream_t stream) {
-    if (mapped != nullptr) {
-      c10::cuda::stream_synchronize(stream);
-    } else {
-      c10::cuda::memcpy_and_sync(pinned.data_ptr(), device_values, pinned.nbytes(),
-                                 cudaMemcpyDeviceToHost, stream);
+  void request(const int64_t* device_values, const c10::cuda::CUDAStream& stream) {
+    if (mapped == nullptr) {
+      C10_CUDA_CHECK(cudaMemcpyAsync(pinned.data_ptr(), device_values, pinned.nbytes(),
+                                     cudaMemcpyDeviceToHost, stream));
     }
+    C10_CUDA_CHECK(cudaEventRecord(ready, stream));
+  }
+
+  const int64_t* wait() {
+    // A host sync, reported like c10's own (torch.cuda.set_sync_debug_mode).
+    if (C10_UNLIKELY(c10::cuda::warning_state().get_sync_debug_mode() != c10::cuda::SyncDebugMode::L_DISABLED)) {
+      c10::cuda::warn_or_error_on_sync();
+    }
+    C10_CUDA_CHECK(cudaEventSynchronize(ready));
     return pinned.const_data_ptr<int64_t>();
   }
+
+  HostRead(const HostRead&) = delete;
+  HostRead& operator=(const HostRead&) = delete;
+  ~HostRead() { (void)cudaEventDestroy(ready); }
 };
 
 // Row layout of a packed copy from src (batch, seqlen, ...) into out (rows, ...), and the V it
@@ -824,11 +840,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, int64_t, at::Tensor> unpad_impl(
   }
   _unpad_scan_kernel<<<n_tiles, kThreads, 0, stream>>>(state, outputs, copy_first);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t* host = host_read->wait(summary, stream);
-  const int64_t nnz = host[0], max_seqlen = host[1];
-  auto out = at::empty(packed_shape(src, nnz, 2), src.options());
-  auto indices = at::empty({nnz}, long_opts);
+  host_read->request(summary, stream);
+  // The copy goes into buffers sized for every position kept and is queued before the host
+  // waits for nnz, so the GPU copies rows during the host's round trip instead of idling; the
+  // buffers are then shrunk in place to their first nnz rows (resize_ keeps the storage of
+  // batch*seqlen rows; the outputs are plain tensors, not views, so autograd lets users modify
+  // them in place).
+  auto out = at::empty(packed_shape(src, total, 2), src.options());
+  auto indices = at::empty({total}, long_opts);
   launch_unpad_copy(MaskTiles{m, u, copy_first}, src, out, indices);
+  const int64_t* host = host_read->wait();
+  const int64_t nnz = host[0], max_seqlen = host[1];
+  out.resize_(packed_shape(src, nnz, 2));
+  indices.resize_({nnz});
   return {out, indices, cu_seqlens, max_seqlen, seqused};
 }
 
@@ -877,7 +901,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, c10::SymInt> unpad_concat_cuda(
                                                             seqlen, row_starts, sample_starts, row_lens,
                                                             summary, host_read.mapped);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t* host = host_read.wait(summary, stream);
+  host_read.request(summary, stream);
+  const int64_t* host = host_read.wait();
   const int64_t nnz = host[0], num_cu = host[1], max_seqlen = host[2];
 
   auto cu_seqlens = at::empty({num_cu}, hidden_states.options().dtype(at::kInt));
