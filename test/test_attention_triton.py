@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -52,8 +53,35 @@ def _fix_interpreter_scalar_index():
     interpreter._patch_lang_tensor = patched
 
 
+def _fix_interpreter_fp8_casts():
+    """Triton 3.6's interpreter casts to float8 by truncating the mantissa (and flushes some
+    subnormals); the GPU rounds to nearest even. Cast float8e4nv <-> 32/16-bit floats the way
+    the GPU does, with torch's casts (the interpreter keeps every float as its bits in an
+    unsigned array)."""
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    convert = interpreter._convert_float
+    if getattr(convert, "_varlen_fixed", False):
+        return
+    types = {tl.float8e4nv: (torch.float8_e4m3fn, torch.uint8), tl.bfloat16: (torch.bfloat16, torch.int16),
+             tl.float16: (torch.float16, torch.int16), tl.float32: (torch.float32, torch.int32)}
+
+    def patched(input, input_dtype, output_dtype, rounding_mode):
+        if tl.float8e4nv in (input_dtype, output_dtype) and input_dtype in types and output_dtype in types:
+            (src, src_bits), (dst, dst_bits) = types[input_dtype], types[output_dtype]
+            bits = torch.from_numpy(input.reshape(-1).copy()).view(src_bits)
+            out = bits.view(src).to(dst).view(dst_bits).numpy()
+            return out.view(f"uint{out.dtype.itemsize * 8}").reshape(input.shape)
+        return convert(input, input_dtype, output_dtype, rounding_mode)
+
+    patched._varlen_fixed = True
+    interpreter._convert_float = patched
+
+
 if INTERPRET:
     _fix_interpreter_scalar_index()
+    _fix_interpreter_fp8_casts()
 
 from torch_varlen.kernels import attention as triton_attention  # noqa: E402
 
@@ -275,10 +303,28 @@ def test_interp_dropout_same_as_cpu_kernel():
 
 
 @interp_only
+@pytest.mark.parametrize("fp8_pv", [True, False], ids=["fp8_pv", "fp16_pv"])
+@pytest.mark.parametrize("name", ["padded_cu_seqlens", "per_head_gqa_causal", "multiblock_causal"])
+def test_interp_fp8_forward(name, fp8_pv, poison):
+    """Both FP8 forward variants (P @ V in FP8 with V copied keys-fastest, or in float16 with
+    V widened) within test_fp8_attention's error bound, padded layouts included."""
+    from test_fp8_attention import assert_within_fp8_bound, get_sample
+
+    s = get_sample(name)
+    args = _launch_args(SimpleNamespace(q=s.q, k=s.k, v=s.v, cu_seqlens_q=s.cu_q,
+                                        cu_seqlens_k=s.cu_k, max_seqlen_q=s.max_q,
+                                        max_seqlen_k=s.max_k, kwargs=s.kwargs))
+    config = dict(block_m=32, block_n=16, warps=4, stages=1, fp8_pv=fp8_pv)
+    out, lse = triton_attention.attention_forward(*args, **s.descales, config=config)
+    assert_within_fp8_bound(s, out, lse, fp8_p=True)
+
+
+@interp_only
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 def test_interp_tuner_keeps_the_fastest_candidate_that_matches(kind, monkeypatch):
     """tune.tune_key runs every candidate, drops one whose output is wrong and returns the
-    fastest of the rest (timings stubbed: the interpreter has no clock worth tuning on)."""
+    fastest of the rest, or None when the fallback config is faster still (timings stubbed:
+    the interpreter has no clock worth tuning on)."""
     import triton.testing
 
     from torch_varlen import tune
@@ -311,6 +357,9 @@ def test_interp_tuner_keeps_the_fastest_candidate_that_matches(kind, monkeypatch
     assert (entry["block_m"], entry["block_n"]) == (16, 16)
     assert entry["ms"] == 1.0 and entry["fallback_ms"] == 3.0
     assert set(tiles) <= set(last)  # every candidate ran
+    fake_ms[None] = 0.9  # the fallback config beats every correct candidate: no entry
+    assert tune.tune_key(kind, "float32", 16, "causal", log=lambda m: None, total=150, nheads=2,
+                         device="cpu") is None
 
 
 @interp_only
@@ -357,7 +406,7 @@ def test_tuned_configs_lookup(tmp_path, monkeypatch):
     assert A.mask_kind(16, 0) == "window" and A.mask_kind(-1, 4) == "window"
     A._tuned_table.cache_clear()
     shipped = A._tuned_table("NVIDIA H200")
-    assert A.tuned_entry(shipped, "fwd", torch.bfloat16, 128, 128, "full")["block_m"] > 0
+    assert A.tuned_entry(shipped, "fwd", torch.bfloat16, 128, 128, "causal")["block_m"] > 0
     entry = {"block_m": 64, "block_n": 32, "warps": 4, "stages": 2}
     path = tmp_path / "tuned.json"
     path.write_text(json.dumps({"version": 1, "gpus": {"GPU X": {

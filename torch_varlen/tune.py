@@ -5,8 +5,9 @@ fixed list of candidate configs on a synthetic packed batch (16 heads, lengths u
 [512, 4096], 32,768 tokens), drops any candidate whose output differs from the fallback
 config's by more than rounding, and writes the fastest into the JSON file (default: the one
 shipped in the package, kernels/tuned_configs.json) under this GPU's name, keeping other GPUs'
-entries. Set TORCH_VARLEN_TUNED_CONFIGS to make the kernels read another file. Takes about
-15-40 s per key on an H200 (one Triton compile per candidate).
+entries; a key where no candidate beats the fallback config gets no entry. Set
+TORCH_VARLEN_TUNED_CONFIGS to make the kernels read another file. Takes about 15-40 s per key
+on an H200 (one Triton compile per candidate).
 """
 
 from __future__ import annotations
@@ -42,16 +43,18 @@ def _candidates(kind, headdim, mask, fp8):
         out.append(c)
         if kind == "fwd" and not fp8:
             out.append({**c, "tma": True})
+    if kind == "fwd" and fp8:  # P @ V in FP8 (V keys-fastest) or in float16 (V widened)
+        out += [{**c, "fp8_pv": True} for c in list(out)]
     if kind == "fwd" and mask == "causal":
         out += [{**c, "reverse": True} for c in list(out)]
     return out
 
 
-def _batch(dtype, headdim, total=32768, nheads=16, seed=0, device="cuda"):
+def _batch(dtype, headdim, total=32768, nheads=16, seed=0, device="cuda", lengths_range=(512, 4096)):
     rng = random.Random(seed)
     lengths = []
     while sum(lengths) < total:
-        lengths.append(rng.randint(512, 4096))
+        lengths.append(rng.randint(*lengths_range))
     lengths[-1] -= sum(lengths) - total
     lengths = [n for n in lengths if n > 0]
     cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
@@ -96,7 +99,8 @@ def tune_key(kind, dtype_name, headdim, mask, log=print, **batch):
         log(f"  {cfg}: {ms:.3f} ms")
         if ms < best_ms:
             best, best_ms = cfg, ms
-    if best is None:
+    if best is None or best_ms >= fallback_ms:
+        log(f"  no candidate beats the fallback config ({fallback_ms:.3f} ms): no entry")
         return None
     return {**best, "ms": round(best_ms, 4), "fallback_ms": round(fallback_ms, 4)}
 

@@ -244,7 +244,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
-                         USE_TMA: tl.constexpr, P_SCALE: tl.constexpr,
+                         USE_TMA: tl.constexpr, P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr,
                          POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
@@ -252,6 +252,9 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
     tensor descriptors K_DESC / V_DESC (columns desc_col_*) instead of pointers (unmasked
     blocks only); P_SCALE: P is multiplied by this before its cast to V's dtype (256 for FP8,
     so that probabilities down to 2^-14 stay normal e4m3 numbers; the caller divides it out);
+    PV_WIDE: FP8 V is widened to float16 in registers (exactly: e4m3 values are float16
+    values) and P @ V runs in float16 (P keeps 10 mantissa bits instead of e4m3's 3; V keeps
+    its (total_k, Hk, Dv) layout);
     POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step).
     """
     for n in range(n_lo, n_hi, BLOCK_N):
@@ -285,9 +288,12 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
             v = V_DESC.load([(sk + n).to(tl.int32), desc_col_v])
         else:
             v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
-        if P_SCALE != 1.0:
-            p = p * P_SCALE
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if PV_WIDE:
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v.to(tl.float16))
+        else:
+            if P_SCALE != 1.0:
+                p = p * P_SCALE
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -306,7 +312,8 @@ def _attention_fwd_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
-    P_SCALE: tl.constexpr, POSITIVE_SCALE: tl.constexpr, ZERO_TAIL: tl.constexpr,
+    P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
+    ZERO_TAIL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """One (query tile, query head) per program.
@@ -317,10 +324,10 @@ def _attention_fwd_kernel(
     factors Q/K/V_DESCALE indexed (sequence, kv head) through their strides (0 for per-tensor);
     USE_TMA: unmasked K/V blocks load through K_DESC / V_DESC, 2-D descriptors over
     (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
-    causal window it has the most keys); P_SCALE, POSITIVE_SCALE: see _attention_fwd_inner
-    (with descales the kernel makes the latter hold by flipping q's sign); ZERO_TAIL: zero the
-    rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION: tl.dot
-    input_precision.
+    causal window it has the most keys); P_SCALE, PV_WIDE, POSITIVE_SCALE: see
+    _attention_fwd_inner (with descales the kernel makes the latter hold by flipping q's sign);
+    ZERO_TAIL: zero the rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION:
+    tl.dot input_precision.
     """
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -380,19 +387,19 @@ def _attention_fwd_kernel(
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, POSITIVE_SCALE, DOT_PRECISION)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
 
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
@@ -758,7 +765,9 @@ def _device_name(index: int) -> str:
 
 
 # A config: tile edges, warps, stages and the forward's switches (see _attention_fwd_kernel).
-_DEFAULT_SWITCHES = {"tma": False, "reverse": False}
+# fp8_pv False: FP8 inputs run P @ V in float16 (1.7x faster than FP8 P @ V on the H200,
+# benchmarks/NOTES.md).
+_DEFAULT_SWITCHES = {"tma": False, "reverse": False, "fp8_pv": False}
 
 
 def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, window_right: int,
@@ -782,6 +791,8 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
     block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
     if q.dtype == torch.float32:
         block_m, block_n, stages = max(block_m // 2, 16), max(block_n // 2, 16), min(stages, 2)
+    elif q.dtype == FP8 and kind == "fwd" and _block(q.shape[2]) <= 128:
+        block_n = 128  # one-byte K tiles: twice the keys per block (H200: 1.59 vs 1.85 ms)
     return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **_DEFAULT_SWITCHES)
 
 
@@ -929,7 +940,9 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     # FP8 loads through pointers: a TMA path for its keys-fastest V hit an illegal instruction
     # on the H200 (benchmarks/NOTES.md) and was removed.
     descs = _kv_descriptors(k, v, block_n) if cfg["tma"] and not fp8 else None
-    if fp8:
+    # FP8 P @ V (fp8_pv) wants V keys-fastest; the other FP8 variant widens V to float16.
+    fp8_pv = fp8 and cfg["fp8_pv"]
+    if fp8_pv:
         v = _fp8_v_transposed(v)
     (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
         _descale(t, q) for t in (q_descale, k_descale, v_descale))
@@ -941,7 +954,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None,
-                P_SCALE=256.0 if fp8 else 1.0,
+                P_SCALE=256.0 if fp8_pv else 1.0, PV_WIDE=fp8 and not fp8_pv,
                 POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **c.flags)
