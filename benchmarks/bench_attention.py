@@ -414,6 +414,8 @@ def merge(path: Path, rows, replace_all, meta):
             or (not replace_all and row_key(r) not in keys)]
     data["rows"] = kept + rows
     data.setdefault("meta", {})["attention"] = meta
+    if any(r.get("dtype") == "float8_e4m3fn" for r in rows):
+        data["meta"].pop("fp8_rows_note", None)  # this run measured the fp8 rows itself
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
     return data
@@ -560,6 +562,9 @@ def render_markdown(data):
         "float8_e4m3fn q/k/v, unit descales, bf16 output.",
         "",
     ]
+    note = data.get("meta", {}).get("fp8_rows_note")
+    if note:  # rows merged from another run say so (the JSON's meta keeps the why)
+        lines += [f"Note: {note}.", ""]
     if main:
         lines += ["## bf16, head dim 128, 16 heads", "", *results_table(idx, main), ""]
     if other:
