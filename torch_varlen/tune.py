@@ -23,7 +23,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
           "float8_e4m3fn": torch.float8_e4m3fn}
 
 # (block_m, block_n, warps, stages) candidates per padded head dim; each is tried with and
-# without TMA descriptors (forward only), and for causal forwards with the reverse tile order.
+# without TMA descriptors (forward only), and for causal forward / dQ with the reverse tile order.
 _FWD = {64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2)],
         256: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2)]}
@@ -45,7 +45,7 @@ def _candidates(kind, headdim, mask, fp8):
             out.append({**c, "tma": True})
     if kind == "fwd" and fp8:  # P @ V in FP8 (V keys-fastest) or in float16 (V widened)
         out += [{**c, "fp8_pv": True} for c in list(out)]
-    if kind == "fwd" and mask == "causal":
+    if kind != "dkdv" and mask == "causal":  # the query tile with the most keys first
         out += [{**c, "reverse": True} for c in list(out)]
     return out
 

@@ -637,7 +637,7 @@ def _attention_bwd_dq_kernel(
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """One (query tile, query head) per program. Constexprs as in _attention_fwd_kernel."""
     t = tl.program_id(0)
@@ -658,6 +658,8 @@ def _attention_bwd_dq_kernel(
     m0 = mt * BLOCK_M
     if m0 >= Lq:
         return
+    if REVERSE:
+        m0 = (tl.cdiv(Lq, BLOCK_M) - 1 - mt) * BLOCK_M
     sq = tl.load(START_Q + b)
     sk = tl.load(START_K + b)
     off = Lk - Lq
@@ -764,9 +766,9 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-# A config: tile edges, warps, stages and the forward's switches (see _attention_fwd_kernel).
-# fp8_pv False: FP8 inputs run P @ V in float16 (1.7x faster than FP8 P @ V on the H200,
-# benchmarks/NOTES.md).
+# A config: tile edges, warps, stages and the switches (see _attention_fwd_kernel; dQ reads
+# "reverse" too). fp8_pv False: FP8 inputs run P @ V in float16 (1.7x faster than FP8 P @ V on
+# the H200, benchmarks/NOTES.md).
 _DEFAULT_SWITCHES = {"tma": False, "reverse": False, "fp8_pv": False}
 
 
@@ -776,17 +778,19 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
     GPU, else the fallback table."""
     if override is not None:
         return {**_DEFAULT_SWITCHES, **override}
+    mask = mask_kind(window_left, window_right)
+    # Causal: a sequence's last query tile sees the most keys, so the forward and dQ run it
+    # first (H200: forward -1.8%, dQ-side backward -0.5 to -2%; benchmarks/NOTES.md).
+    switches = dict(_DEFAULT_SWITCHES, reverse=kind != "dkdv" and mask == "causal")
     if _INTERPRET:
         block_m, block_n, warps, stages = _INTERPRET_CONFIGS[kind]
-        return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages,
-                    **_DEFAULT_SWITCHES)
+        return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **switches)
     if q.is_cuda:
         table = _tuned_table(_device_name(q.device.index if q.device.index is not None
                                           else torch.cuda.current_device()))
-        entry = tuned_entry(table, kind, q.dtype, q.shape[2], v.shape[2],
-                            mask_kind(window_left, window_right))
+        entry = tuned_entry(table, kind, q.dtype, q.shape[2], v.shape[2], mask)
         if entry is not None:
-            return {**_DEFAULT_SWITCHES, **entry}
+            return {**switches, **entry}
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
     block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
     if q.dtype == torch.float32:
@@ -795,7 +799,7 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
         # One-byte K tiles: twice the keys per block (H200, head dim 128: 1.59 vs 1.85 ms; the
         # FP8 GPU tests, head dims 8-128, ran with these tiles).
         block_n = 128
-    return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **_DEFAULT_SWITCHES)
+    return dict(block_m=block_m, block_n=block_n, warps=warps, stages=stages, **switches)
 
 
 def _block(d: int, minimum: int = 16) -> int:
@@ -1021,7 +1025,8 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
                 q, k, v, grad_out, softmax_lse, delta, dq, *c.seq, c.alibi, c.rng, *c.values,
                 *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
                 softmax_lse.stride(0), *c.alibi_strides, BLOCK_M=block_m, BLOCK_N=block_n,
-                ZERO_TAIL=not c.padded_q, num_warps=warps, num_stages=stages, **c.flags)
+                ZERO_TAIL=not c.padded_q, REVERSE=cfg["reverse"], num_warps=warps,
+                num_stages=stages, **c.flags)
     return dq, dk, dv
 
 
