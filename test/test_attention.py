@@ -494,10 +494,8 @@ for name in ("everything", "dropout_everything"):
 t.test_float32_forward_and_grads_match_reference("cpu", "everything")
 t.test_half_precision_error_ratio("cpu", torch.bfloat16, "whole_tiles")
 t.test_half_precision_error_ratio("cpu", torch.float16, "everything")
-print("ok")
 """
     here = os.path.dirname(os.path.abspath(__file__))
     res = subprocess.run([sys.executable, "-c", script, here], env=dict(os.environ, **env), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == "ok"

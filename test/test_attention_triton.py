@@ -694,7 +694,6 @@ _AOTI_SCRIPT = textwrap.dedent("""
     exact = {} if which == "control" else {"rtol": 0, "atol": 0}  # our op runs as is: bitwise
     for args in runs:
         torch.testing.assert_close(loaded(*args), M()(*args), **exact)
-    print("aoti-ok")
 """)
 
 
@@ -714,10 +713,10 @@ def test_aoti_export_matches_eager(device, tmp_path):
     proc = _run_aoti("varlen", device, tmp_path)
     if proc.returncode < 0 or proc.returncode > 128:  # killed by a signal
         control = _run_aoti("control", device, tmp_path)
-        if "aoti-ok" not in control.stdout:
+        if control.returncode != 0:
             pytest.skip(f"AOTInductor crashes on this machine for a trivial model too (torch "
                         f"{torch.__version__}, exit {control.returncode}); not a torch_varlen bug")
-    assert proc.returncode == 0 and "aoti-ok" in proc.stdout, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
 
 _SANITIZER_SCRIPT = textwrap.dedent("""
@@ -735,7 +734,6 @@ _SANITIZER_SCRIPT = textwrap.dedent("""
     bad_k = torch.tensor([0, 7000, 7001], dtype=torch.int32, device="cuda")
     torch_varlen.flash_attn_varlen_func(q, q, q, bad_q, bad_k, 20, 20).float().sum().backward()
     torch.cuda.synchronize()
-    print("sanitizer-script-done")
 """)
 
 
@@ -749,6 +747,6 @@ def test_gpu_compute_sanitizer_memcheck_clean():
          sys.executable, "-c", _SANITIZER_SCRIPT],
         env=env, capture_output=True, text=True, timeout=900)
     tail = (proc.stdout + proc.stderr)[-4000:]
-    assert proc.returncode == 0 and "sanitizer-script-done" in proc.stdout, tail
+    assert proc.returncode == 0, tail
     assert "ERROR SUMMARY: 0 errors" in proc.stdout, tail
 
