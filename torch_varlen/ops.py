@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .kernels.fa4 import BACKENDS
+
 _ops = torch.ops.varlen
 
 __all__ = [
@@ -118,7 +120,7 @@ class attention_backend:
     """
 
     def __init__(self, name: str):
-        if name not in ("auto", "torch_varlen", "fa4"):
+        if name not in BACKENDS:
             raise ValueError(f"attention_backend name must be 'auto', 'torch_varlen' or 'fa4', got {name!r}")
         self.name = name
 
