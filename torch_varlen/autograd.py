@@ -1,11 +1,13 @@
 """Autograd formulas (DESIGN.md rule 3): each backward calls registered ops, never raw kernels.
 
 unpad* -> backward is pad; pad -> backward is gather_rows; gather_rows -> backward is pad;
-attention_forward -> backward is attention_backward.
+attention_forward -> backward is attention_backward; attention_backward (double backward) ->
+autograd through _attention_dense.attention_backward_dense, its pure-PyTorch equivalent.
 """
 
 import torch
 
+from ._attention_dense import attention_backward_dense
 from .meta.attention import FP8, FP8_BACKWARD_ERROR
 
 _ops = torch.ops.varlen
@@ -104,4 +106,58 @@ def _backward_attention(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd(
     "varlen::attention_forward", _backward_attention, setup_context=_setup_attention
+)
+
+
+# ---------------------------------------------------------------- attention double backward
+
+# attention_backward's arguments, in schema order; the tensors it is differentiable in.
+_ATTN_BWD_SCHEMA = (
+    "grad_out", "q", "k", "v", "out", "softmax_lse", "cu_seqlens_q", "cu_seqlens_k",
+    "max_seqlen_q", "max_seqlen_k", "softmax_scale", "window_left", "window_right", "softcap",
+    "alibi_slopes", "cu_seqlens_q_padded", "cu_seqlens_k_padded", "dropout_p", "rng_state",
+    "deterministic", "grad_lse", "backend",
+)
+_ATTN_BWD_DIFF = ("grad_out", "q", "k", "v", "out", "softmax_lse", "grad_lse")
+_ATTN_BWD_TENSORS = _ATTN_BWD_DIFF + (
+    "cu_seqlens_q", "cu_seqlens_k", "alibi_slopes", "cu_seqlens_q_padded", "cu_seqlens_k_padded",
+    "rng_state",
+)
+_ATTN_BWD_VALUES = ("softmax_scale", "window_left", "window_right", "softcap", "dropout_p")
+
+
+def _setup_attention_backward(ctx, inputs, output):
+    args = dict(zip(_ATTN_BWD_SCHEMA, inputs))
+    ctx.save_for_backward(*(args[n] for n in _ATTN_BWD_TENSORS))
+    ctx.values = {n: args[n] for n in _ATTN_BWD_VALUES}
+
+
+def _backward_attention_backward(ctx, grad_dq, grad_dk, grad_dv):
+    """grad_dq (Nq, H, D), grad_dk (Nk, Hk, D), grad_dv (Nk, Hk, Dv) -> the vjp of
+    attention_backward w.r.t. grad_out, q, k, v, out, softmax_lse and grad_lse (None for the
+    other arguments): autograd through attention_backward_dense, with a graph when this backward
+    builds one (create_graph=True), so third and higher orders work too."""
+    create_graph = torch.is_grad_enabled()
+    tensors = dict(zip(_ATTN_BWD_TENSORS, ctx.saved_tensors))
+    # the dispatcher drops trailing arguments equal to their defaults (grad_lse=None, say), and
+    # needs_input_grad covers only the arguments passed
+    needs = tuple(ctx.needs_input_grad) + (False,) * (len(_ATTN_BWD_SCHEMA) - len(ctx.needs_input_grad))
+    needed = [n for n in _ATTN_BWD_DIFF if needs[_ATTN_BWD_SCHEMA.index(n)]]
+    with torch.enable_grad():
+        for n in needed:  # a fresh node per input, so aliased inputs get their own gradients
+            t = tensors[n]
+            tensors[n] = t.view_as(t) if create_graph else t.detach().requires_grad_()
+        grads_dense = attention_backward_dense(**tensors, **ctx.values)
+        pairs = [(o, g) for o, g in zip(grads_dense, (grad_dq, grad_dk, grad_dv)) if g is not None]
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], [tensors[n] for n in needed], [g for _, g in pairs],
+            create_graph=create_graph, allow_unused=True,
+        )
+    by_name = dict(zip(needed, grads))
+    return tuple(by_name.get(n) for n in _ATTN_BWD_SCHEMA)
+
+
+torch.library.register_autograd(
+    "varlen::attention_backward", _backward_attention_backward,
+    setup_context=_setup_attention_backward,
 )
