@@ -34,6 +34,15 @@ def pytest_configure(config):
     config._varlen_report_path = os.environ.pop("TORCH_VARLEN_TEST_REPORT", None)
 
 
+def pytest_runtest_setup(item):
+    # TORCH_VARLEN_TEST_DEADLINE (a Unix time): tests that would start after it are skipped with
+    # that reason, so that a run bounded by a machine's time limit still ends, reports, and
+    # names what it did not run instead of being killed mid-way.
+    deadline = os.environ.get("TORCH_VARLEN_TEST_DEADLINE")
+    if deadline and time.time() > float(deadline):
+        pytest.skip("not run: the run's time limit (TORCH_VARLEN_TEST_DEADLINE) was reached")
+
+
 def pytest_runtest_logreport(report):
     if report.when == "call" and report.passed:
         _REPORT["passed"] += 1

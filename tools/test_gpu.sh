@@ -6,7 +6,9 @@
 #   - runs every test under test/ (pytest-xdist spreads them over processes when installed) and
 #     writes benchmarks/results/gpu_tests.json (conftest.py's run report).
 # Environment: GPU_DEPS (default .gpu), PYTHON (default python3), TEST_GPU_WORKERS (default 8; 0 = no xdist),
-# TORCH_VARLEN_COMMIT (recorded in the report; default: git rev-parse HEAD), PYTEST_ARGS.
+# TORCH_VARLEN_COMMIT (recorded in the report; default: git rev-parse HEAD), PYTEST_ARGS,
+# TEST_GPU_SECONDS (optional: tests that would start later than this many seconds after the
+# start are skipped as "not run", and the report lists them).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -44,6 +46,9 @@ mkdir -p build
 $PY setup.py -q build_ext --inplace > build/test-gpu-build.log 2>&1 \
   || { tail -50 build/test-gpu-build.log; echo "build failed (build/test-gpu-build.log)"; exit 2; }
 
+if [ -n "${TEST_GPU_SECONDS:-}" ]; then
+  export TORCH_VARLEN_TEST_DEADLINE=$(( $(date +%s) + TEST_GPU_SECONDS ))
+fi
 export TORCH_VARLEN_COMMIT=${TORCH_VARLEN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export TORCH_VARLEN_TEST_REPORT=$REPORT
 workers=${TEST_GPU_WORKERS:-8}
