@@ -43,6 +43,8 @@ import triton
 import triton.language as tl
 
 from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, out_dtype
+from ..meta.attention import check_attention_backward_args
+from .checks import check_cu_seqlens
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -818,8 +820,6 @@ def _check_supported(q, v, rng_state, dropout_p):
     if q.shape[2] > _MAX_HEADDIM or v.shape[2] > _MAX_HEADDIM:
         raise ValueError(f"head dims up to {_MAX_HEADDIM} are supported, got headdim "
                          f"{q.shape[2]} and headdim_v {v.shape[2]}")
-    if dropout_p > 0 and rng_state.device != q.device:
-        raise ValueError(f"rng_state must be on q's device {q.device}, got {rng_state.device}")
 
 
 class _Common:
@@ -933,6 +933,9 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state, q_descale, k_descale, v_descale)
+    # cu_seqlens values, as the CPU kernel checks them: device asserts, no host sync
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
+                     q.shape[0], k.shape[0])
     fp8 = q.dtype == FP8
     total_q = q.shape[0]
     out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype(q))
@@ -986,17 +989,10 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state)
+    check_attention_backward_args(grad_out, q, v, out, softmax_lse, grad_lse)
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
+                     q.shape[0], k.shape[0])
     total_q, total_k = q.shape[0], k.shape[0]
-    expect = {"grad_out": (grad_out, (total_q, c.nheads, v.shape[2])),
-              "out": (out, (total_q, c.nheads, v.shape[2])),
-              "softmax_lse": (softmax_lse, (c.nheads, total_q))}
-    if grad_lse is not None:
-        expect["grad_lse"] = (grad_lse, (c.nheads, total_q))
-    for name, (t, shape) in expect.items():
-        torch._check(tuple(t.shape) == shape,
-                     lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}")
-        torch._check(t.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {t.device}")
-    grad_out = grad_out.to(q.dtype)  # autograd gives q's dtype; accept others by casting
     softmax_lse = softmax_lse.float().contiguous()
     dq = _new(torch.empty_like, c.padded_q, q)
     dk = _new(torch.empty_like, c.padded_k, k)

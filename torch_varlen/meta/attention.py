@@ -22,7 +22,9 @@ def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=Non
                            cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                            window_left=-1, window_right=-1, softcap=0.0, dropout_p=0.0,
                            rng_state=None, q_descale=None, k_descale=None, v_descale=None):
-    """Shape, dtype and device checks of attention_forward (values are checked by kernels)."""
+    """Shape, dtype and device checks of attention_forward and attention_backward, the CPU
+    kernel's check_shapes with its messages (cu_seqlens values are checked by the kernels: the
+    CPU's on the host, the CUDA launchers' by kernels/checks.py on the device)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         torch._check(t.dim() == 3, lambda: f"{name} must be (total, nheads, headdim), got shape {tuple(t.shape)}")
         torch._check(t.dtype in _DTYPES, lambda: f"{name} must be float16, bfloat16, float32 or float64 "
@@ -66,6 +68,8 @@ def check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes=Non
         torch._check(rng_state is not None, lambda: "rng_state ([seed, offset] int64) is required when dropout_p > 0")
         torch._check(rng_state.dtype == torch.int64 and tuple(rng_state.shape) == (2,),
                      lambda: f"rng_state must be int64 of shape (2,), got {rng_state.dtype} {tuple(rng_state.shape)}")
+        torch._check(rng_state.device == q.device,
+                     lambda: f"rng_state must be on q's device {q.device}, got {rng_state.device}")
     check_descales(q, k, batch, dropout_p, q_descale, k_descale, v_descale)
 
 
@@ -90,6 +94,31 @@ def check_descales(q, k, batch, dropout_p, q_descale, k_descale, v_descale):
         torch._check(d.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {d.device}")
 
 
+def _check_like(name, t, shape, dtype, q):
+    """t has this shape, dtype and q's device (the CPU kernel's check_like)."""
+    shape = tuple(shape)
+    msg = lambda: f"{name} must have shape {shape}, got {tuple(t.shape)}"  # noqa: E731
+    torch._check(t.dim() == len(shape), msg)
+    for got, want in zip(t.shape, shape):  # one check per dim: a symbolic size gives a runtime assert
+        torch._check(got == want, msg)
+    torch._check(t.dtype == dtype, lambda: f"{name} must be {dtype}, got {t.dtype}")
+    torch._check(t.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def check_attention_backward_args(grad_out, q, v, out, softmax_lse, grad_lse=None):
+    """attention_backward's own tensors, after check_attention_shapes: grad_out and out are
+    (total_q, nheads, headdim_v) in q's dtype, softmax_lse and grad_lse (nheads, total_q) in
+    lse_dtype(q), all on q's device (the CPU kernel's checks, with its messages)."""
+    torch._check(q.dtype != FP8, lambda: FP8_BACKWARD_ERROR)
+    total_q, nheads = q.shape[0], q.shape[1]
+    out_shape, lse_shape = (total_q, nheads, v.shape[2]), (nheads, total_q)
+    _check_like("grad_out", grad_out, out_shape, q.dtype, q)
+    _check_like("out", out, out_shape, q.dtype, q)
+    _check_like("softmax_lse", softmax_lse, lse_shape, lse_dtype(q), q)
+    if grad_lse is not None:
+        _check_like("grad_lse", grad_lse, lse_shape, lse_dtype(q), q)
+
+
 @torch.library.register_fake("varlen::attention_forward")
 def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
@@ -112,4 +141,7 @@ def _attention_backward_fake(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, 
                              cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, dropout_p=0.0,
                              rng_state=None, deterministic=False, grad_lse=None, backend=None):
     torch._check(q.dtype != FP8, lambda: FP8_BACKWARD_ERROR)
+    check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
+                           cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state)
+    check_attention_backward_args(grad_out, q, v, out, softmax_lse, grad_lse)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -1,0 +1,151 @@
+"""Device-side checks of cu_seqlens values for the CUDA attention launchers, with no host sync.
+
+The CPU kernel reads cu_seqlens on the host and raises (``check_cu_values`` in
+_C/cpu/attention.cpp). A CUDA launcher cannot read them without a sync, and the ops run inside
+CUDA graphs and compiled steps, so ``check_cu_seqlens`` launches one small program that checks
+the same conditions with ``tl.device_assert``, on the stream, before the attention kernels:
+
+- ``cu_seqlens_*[0] == 0`` and ``cu_seqlens_*`` non-decreasing;
+- without ``cu_seqlens_*_padded``: ``cu_seqlens_*[-1] <= total`` (the rows of q / k);
+- with it: each sequence b starts at or after the end of the previous non-empty one (and at
+  or after 0), and its rows ``[start_b, start_b + length_b)`` end inside the buffer.
+
+Messages are the CPU's text without the values (a device assert's message is a string
+constant), so one regex matches both devices, e.g. CPU "cu_seqlens_q must be non-decreasing,
+got 2 then 1 at index 2", CUDA "cu_seqlens_q must be non-decreasing".
+
+On a GPU a failed assert prints "... Assertion `<message>` failed." to the process's stderr
+and leaves its CUDA context unusable ("device-side assert triggered" at the next sync). Under
+``TRITON_INTERPRET=1`` (CPU tensors, CI) the call raises RuntimeError(<message>), as the CPU
+kernel does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_BLOCK = 1024  # cu_seqlens entries per loop step: one step for up to 1023 sequences
+
+
+def _messages(side: str) -> dict:
+    """The device-assert messages for cu_seqlens_<side> (side "q" or "k")."""
+    cu = f"cu_seqlens_{side}"
+    return dict(
+        MSG_START=f"{cu} must start at 0",
+        MSG_ORDER=f"{cu} must be non-decreasing",
+        MSG_LAST=f"{cu}[-1] must be <= {side}.shape[0] (the rows of {side})",
+        MSG_PAD_ORDER=(f"{cu}_padded[b] must be >= 0 and >= the end of the previous sequence: "
+                       "sequences must be in order and must not overlap"),
+        MSG_PAD_ROWS=f"{cu}_padded: sequence b occupies rows [start, start + length) beyond {side}.shape[0]",
+    )
+
+
+@triton.jit
+def _max_combine(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _check_side(CU, START, total, n, PADDED: tl.constexpr, BLOCK: tl.constexpr,
+                MSG_START: tl.constexpr, MSG_ORDER: tl.constexpr, MSG_LAST: tl.constexpr,
+                MSG_PAD_ORDER: tl.constexpr, MSG_PAD_ROWS: tl.constexpr):
+    """Checks cu_seqlens CU (n entries) of a buffer of `total` rows; START: the padded starts
+    (PADDED) or unused. Values are widened to int64 so that no sum overflows."""
+    first = tl.load(CU).to(tl.int64)
+    tl.device_assert(first == 0, MSG_START)
+    # Largest end of the non-empty sequences before the current block (0 at first): a start
+    # below it overlaps an earlier sequence. (While every check passes, this running maximum
+    # is the end of the previous non-empty sequence, which the CPU kernel compares with.)
+    prev_end = first * 0
+    for c in range(0, n, BLOCK):
+        idx = c + tl.arange(0, BLOCK)
+        inb = idx < n
+        has_prev = inb & (idx > 0)
+        cur = tl.load(CU + idx, mask=inb, other=0).to(tl.int64)
+        prev = tl.load(CU + idx - 1, mask=has_prev, other=0).to(tl.int64)
+        tl.device_assert(~has_prev | (cur >= prev), MSG_ORDER)
+        if PADDED:
+            seq = idx < n - 1  # sequence idx: physical start START[idx], length CU[idx+1] - CU[idx]
+            start = tl.load(START + idx, mask=seq, other=0).to(tl.int64)
+            length = tl.load(CU + idx + 1, mask=seq, other=0).to(tl.int64) - cur
+            # the end of sequence idx - 1 (0 when it is empty), then the largest of those up to idx
+            start_prev = tl.load(START + idx - 1, mask=has_prev, other=0).to(tl.int64)
+            end_prev = tl.where(has_prev & (cur > prev), start_prev + (cur - prev), 0)
+            before = tl.maximum(tl.associative_scan(end_prev, 0, _max_combine), prev_end)
+            tl.device_assert(~seq | (start >= before), MSG_PAD_ORDER)
+            tl.device_assert(~seq | (start + length <= total), MSG_PAD_ROWS)
+            end = tl.where(seq & (length > 0), start + length, 0)
+            prev_end = tl.maximum(prev_end, tl.max(end, 0))
+        else:
+            tl.device_assert(~inb | (idx != n - 1) | (cur <= total), MSG_LAST)
+
+
+@triton.jit(debug=True, do_not_specialize=["total_q", "total_k", "n"])
+def _check_cu_seqlens_kernel(CU_Q, CU_K, START_Q, START_K, total_q, total_k, n,
+                             PADDED_Q: tl.constexpr, PADDED_K: tl.constexpr, BLOCK: tl.constexpr,
+                             Q_MSG_START: tl.constexpr, Q_MSG_ORDER: tl.constexpr,
+                             Q_MSG_LAST: tl.constexpr, Q_MSG_PAD_ORDER: tl.constexpr,
+                             Q_MSG_PAD_ROWS: tl.constexpr, K_MSG_START: tl.constexpr,
+                             K_MSG_ORDER: tl.constexpr, K_MSG_LAST: tl.constexpr,
+                             K_MSG_PAD_ORDER: tl.constexpr, K_MSG_PAD_ROWS: tl.constexpr):
+    """One program checks cu_seqlens_q and cu_seqlens_k (n = batch + 1 entries each).
+
+    PADDED_Q / PADDED_K: START_Q / START_K hold cu_seqlens_*_padded (else they are unused);
+    BLOCK: entries per loop step; *_MSG_*: the assert messages (see _messages).
+    ``debug=True`` compiles the asserts in (Triton drops them otherwise).
+    """
+    _check_side(CU_Q, START_Q, total_q, n, PADDED_Q, BLOCK, Q_MSG_START, Q_MSG_ORDER, Q_MSG_LAST,
+                Q_MSG_PAD_ORDER, Q_MSG_PAD_ROWS)
+    _check_side(CU_K, START_K, total_k, n, PADDED_K, BLOCK, K_MSG_START, K_MSG_ORDER, K_MSG_LAST,
+                K_MSG_PAD_ORDER, K_MSG_PAD_ROWS)
+
+
+_MESSAGES = {**{f"Q_{k}": v for k, v in _messages("q").items()},
+             **{f"K_{k}": v for k, v in _messages("k").items()}}
+
+
+@contextlib.contextmanager
+def _interpreter_debug():
+    """The interpreter ignores ``triton.jit(debug=True)`` (its one builder keeps debug off, so
+    every device_assert is a no-op): switch it on for this launch only, and raise a failed
+    assert as RuntimeError(<message>) instead of nested InterpreterErrors."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.interpreter_builder
+    saved = builder.options
+    builder.options = dataclasses.replace(saved, debug=True)
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001  (look for the assert under the interpreter's wrappers)
+        cause = e
+        while cause is not None and not isinstance(cause, AssertionError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise RuntimeError(str(cause)) from e
+    finally:
+        builder.options = saved
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
+                     total_q: int, total_k: int) -> None:
+    """Launch the value checks of cu_seqlens_q / _k (and their _padded starts) against buffers
+    of total_q / total_k rows. Shapes, dtypes and devices must already be checked
+    (meta/attention.py check_attention_shapes). Asynchronous: never syncs with the host."""
+    padded_q, padded_k = cu_seqlens_q_padded is not None, cu_seqlens_k_padded is not None
+    args = (cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+            (cu_seqlens_q_padded if padded_q else cu_seqlens_q).contiguous(),
+            (cu_seqlens_k_padded if padded_k else cu_seqlens_k).contiguous(),
+            int(total_q), int(total_k), cu_seqlens_q.shape[0])
+    device = torch.cuda.device(cu_seqlens_q.device) if cu_seqlens_q.is_cuda else contextlib.nullcontext()
+    debug = _interpreter_debug() if _INTERPRET else contextlib.nullcontext()
+    with device, debug:
+        _check_cu_seqlens_kernel[(1,)](*args, PADDED_Q=padded_q, PADDED_K=padded_k, BLOCK=_BLOCK,
+                                       num_warps=4, **_MESSAGES)
