@@ -18,7 +18,9 @@ visited; blocks that it hides from none of the tile's rows run without a mask.
 
 Precision: q.k and p.v take fp16/bf16 operands with float32 accumulation; float32 inputs use
 full-precision float32 dots (``input_precision="ieee"``, not tf32), so float32 results are as
-accurate as PyTorch's float32 math. float64 is not supported on CUDA (the CPU kernel has it).
+accurate as PyTorch's float32 math. float64 inputs compute in float64 throughout (float64
+dots, accumulators, softmax statistics, scores and scalars, libdevice exp2/log2; softmax_lse
+float64), so gradcheck and the float64 tests run on CUDA too; small tiles, not fast.
 
 Backward: a delta pass (D = rowsum(dO * O) - dlse), a pass over key tiles that accumulates dK
 and dV (GQA: over the group's query heads in a fixed order) and a pass over query tiles for dQ.
@@ -41,12 +43,16 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
-from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, out_dtype
+from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, lse_dtype, out_dtype
 from ..meta.attention import check_attention_backward_args
 from .checks import check_cu_seqlens
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# float64 exp2/log2 through libdevice (ex2.approx / lg2.approx are float32-only); the
+# interpreter has no libdevice (extern calls raise) and runs tl.math's numpy float64 versions.
+_F64_LIBDEVICE = tl.constexpr(not _INTERPRET)
 
 # Set by tests: allocate outputs filled with NaN so that a row the kernels fail to write shows.
 _poison_outputs = False
@@ -75,9 +81,27 @@ def _locate_tile(CU, batch, t, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
+def _exp2(x):
+    """2 ** x in x's dtype: tl.math.exp2 (ex2.approx) for float32, libdevice's exp2 for float64."""
+    if x.dtype == tl.float64 and _F64_LIBDEVICE:
+        return libdevice.exp2(x)
+    else:
+        return tl.math.exp2(x)
+
+
+@triton.jit
+def _log2(x):
+    """log2(x) in x's dtype: tl.math.log2 for float32, libdevice's log2 for float64."""
+    if x.dtype == tl.float64 and _F64_LIBDEVICE:
+        return libdevice.log2(x)
+    else:
+        return tl.math.log2(x)
+
+
+@triton.jit
 def _tanh(x):
-    # tanh through exp2, exact at +-inf and within float32 rounding elsewhere.
-    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+    # tanh through exp2, exact at +-inf and within x's dtype's rounding elsewhere.
+    return 1.0 - 2.0 / (_exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit
@@ -94,7 +118,7 @@ def _scores(qk, ii, jj, off, Lq, Lk, window_left, window_right, scale_log2, soft
     else:
         s = qk * scale_log2
     if HAS_ALIBI:
-        s = s - slope_log2 * tl.abs(ii + off - jj).to(tl.float32)
+        s = s - slope_log2 * tl.abs(ii + off - jj).to(s.dtype)
     if MASK:
         diag = ii + off
         visible = (ii < Lq) & (jj < Lk)
@@ -225,12 +249,22 @@ def _load_rng(RNG, HAS_DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr):
-    """ALiBi slope of (sequence b, head h) in log2 units; 0 without ALiBi."""
+def _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI: tl.constexpr,
+                      ACC: tl.constexpr):
+    """ALiBi slope of (sequence b, head h) in log2 units, in the compute dtype ACC; 0 without
+    ALiBi."""
     slope_log2 = 0.0
     if HAS_ALIBI:
-        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah) * 1.4426950408889634
+        slope_log2 = tl.load(ALIBI + b * stride_ab + h * stride_ah).to(ACC) * 1.4426950408889634
     return slope_log2
+
+
+@triton.jit
+def _to_acc(x, ACC: tl.constexpr):
+    """A float scalar argument (float64: see _Common.values) in the compute dtype ACC, so that
+    float32 kernels compute in float32. tl.full, not x.to(ACC): the interpreter passes Python
+    floats."""
+    return tl.full((), x, ACC)
 
 
 # ---------------------------------------------------------------- forward
@@ -273,14 +307,14 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                         HAS_ALIBI, MASK)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new) if MASK else m_new
-            p = tl.math.exp2(s - m_new_safe[:, None])
+            p = _exp2(s - m_new_safe[:, None])
         else:
             # Plain scores: max(qk) * scale is the max of the scaled scores (scale > 0), and the
             # scaling and max subtraction fuse into one FMA per score.
             m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2)
             m_new_safe = m_new
-            p = tl.math.exp2(qk * scale_log2 - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new_safe)
+            p = _exp2(qk * scale_log2 - m_new[:, None])
+        alpha = _exp2(m_i - m_new_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
@@ -304,8 +338,8 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
 def _attention_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG, K_DESC, V_DESC,
     Q_DESCALE, K_DESCALE, V_DESCALE,
-    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
-    total_q, total_k, batch, group,
+    softmax_scale: tl.float64, softcap: tl.float64, window_left, window_right,
+    dropout_scale: tl.float64, threshold, total_q, total_k, batch, group,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
     stride_lh, stride_ab, stride_ah, stride_qdb, stride_qdh, stride_kdb, stride_kdh,
@@ -316,7 +350,7 @@ def _attention_fwd_kernel(
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
     ZERO_TAIL: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (query tile, query head) per program.
 
@@ -329,8 +363,12 @@ def _attention_fwd_kernel(
     causal window it has the most keys); P_SCALE, PV_WIDE, POSITIVE_SCALE: see
     _attention_fwd_inner (with descales the kernel makes the latter hold by flipping q's sign);
     ZERO_TAIL: zero the rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION:
-    tl.dot input_precision.
+    tl.dot input_precision; ACC: compute dtype of accumulators, softmax statistics, scores and
+    the float scalars (float64 for float64 inputs, else float32).
     """
+    softmax_scale = _to_acc(softmax_scale, ACC)
+    softcap = _to_acc(softcap, ACC)
+    dropout_scale = _to_acc(dropout_scale, ACC)
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
@@ -344,7 +382,7 @@ def _attention_fwd_kernel(
             rows = (tl.load(CU_Q + batch) + mt * BLOCK_M + offs_m).to(tl.int64)
             _store_zero_rows(OUT, rows, total_q, stride_ot, h * stride_oh, offs_dv, stride_od,
                              HEADDIM_V, BLOCK_M, BLOCK_DV)
-            tl.store(LSE + h * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), tl.float32),
+            tl.store(LSE + h * stride_lh + rows, tl.full((BLOCK_M,), float("-inf"), ACC),
                      mask=(rows >= 0) & (rows < total_q))
         return
     row0, Lq, Lk = _sequence_lengths(CU_Q, CU_K, b)
@@ -370,7 +408,7 @@ def _attention_fwd_kernel(
             q = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(q.dtype, bitcast=True)
             softmax_scale = -softmax_scale
     scale_log2 = softmax_scale * 1.4426950408889634
-    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, ACC)
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
 
     n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
@@ -381,9 +419,9 @@ def _attention_fwd_kernel(
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
     col_k = (hk * HEADDIM).to(tl.int32)
     col_v = (hk * HEADDIM_V).to(tl.int32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), ACC)
+    l_i = tl.zeros((BLOCK_M,), ACC)
+    m_i = tl.full((BLOCK_M,), float("-inf"), ACC)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_start,
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
@@ -409,7 +447,7 @@ def _attention_fwd_kernel(
         out = out * dropout_scale
     if HAS_DESCALE:
         out = out * (tl.load(V_DESCALE + b * stride_vdb + hk * stride_vdh) / P_SCALE)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
+    lse = tl.where(seen, (m_i + _log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     tl.store(OUT + qrow[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
              out.to(OUT.dtype.element_ty), mask=qin[:, None] & (offs_dv[None, :] < HEADDIM_V))
@@ -424,11 +462,12 @@ def _attention_bwd_delta_kernel(OUT, DOUT, DLSE, DELTA, total_q,
                                 stride_ot, stride_oh, stride_od, stride_dot, stride_doh, stride_dod,
                                 stride_dlh, stride_dlt,
                                 HEADDIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-                                BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr):
+                                BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                                ACC: tl.constexpr):
     """delta[h, r] = sum_d dO[r, h, d] * O[r, h, d] - dlse[h, r] over every buffer row.
 
     HEADDIM_V / BLOCK_DV: v head dim and its power of two; BLOCK_M: rows per program;
-    HAS_DLSE: a gradient of softmax_lse is given.
+    HAS_DLSE: a gradient of softmax_lse is given; ACC: compute dtype (see the forward).
     """
     h = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -436,12 +475,12 @@ def _attention_bwd_delta_kernel(OUT, DOUT, DLSE, DELTA, total_q,
     rin = rows < total_q
     mask = rin[:, None] & (offs_dv[None, :] < HEADDIM_V)
     o = tl.load(OUT + rows[:, None] * stride_ot + h * stride_oh + offs_dv[None, :] * stride_od,
-                mask=mask, other=0.0).to(tl.float32)
+                mask=mask, other=0.0).to(ACC)
     do = tl.load(DOUT + rows[:, None] * stride_dot + h * stride_doh + offs_dv[None, :] * stride_dod,
-                 mask=mask, other=0.0).to(tl.float32)
+                 mask=mask, other=0.0).to(ACC)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
-        delta -= tl.load(DLSE + h * stride_dlh + rows * stride_dlt, mask=rin, other=0.0).to(tl.float32)
+        delta -= tl.load(DLSE + h * stride_dlh + rows * stride_dlt, mask=rin, other=0.0).to(ACC)
     tl.store(DELTA + h * total_q + rows, delta, mask=rin)
 
 
@@ -476,7 +515,7 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs0, do_ptrs0, LSE_H, DELTA_H, s
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         sT = _scores(qkT, rows[None, :], offs_n[:, None], off, Lq, Lk, window_left, window_right,
                      scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
-        pT = tl.math.exp2(sT - lse[None, :])
+        pT = _exp2(sT - lse[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_offset, head, row0 + rows[None, :], offs_n[:, None],
@@ -497,8 +536,8 @@ def _attention_bwd_dkdv_inner(dk, dv, k, v, q_ptrs0, do_ptrs0, LSE_H, DELTA_H, s
 @triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
 def _attention_bwd_dkdv_kernel(
     Q, K, V, DOUT, LSE, DELTA, DK, DV, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
-    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
-    total_q, total_k, batch, group,
+    softmax_scale: tl.float64, softcap: tl.float64, window_left, window_right,
+    dropout_scale: tl.float64, threshold, total_q, total_k, batch, group,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
     stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd,
@@ -506,13 +545,16 @@ def _attention_bwd_dkdv_kernel(
     HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (key tile, kv head) per program; loops over the group's query heads in order.
 
     Constexprs as in _attention_fwd_kernel; BLOCK_N key rows per tile, BLOCK_M query rows per
     step; ZERO_TAIL: zero dK/dV rows after the last sequence (no cu_seqlens_k_padded).
     """
+    softmax_scale = _to_acc(softmax_scale, ACC)
+    softcap = _to_acc(softcap, ACC)
+    dropout_scale = _to_acc(dropout_scale, ACC)
     t = tl.program_id(0)
     hk = tl.program_id(1).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
@@ -560,11 +602,11 @@ def _attention_bwd_dkdv_kernel(
 
     scale_log2 = softmax_scale * 1.4426950408889634
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), ACC)
+    dv = tl.zeros((BLOCK_N, BLOCK_DV), ACC)
     for g in range(0, group):
         h = hk * group + g
-        slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+        slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, ACC)
         q_ptrs0 = Q + h * stride_qh + offs_d[None, :] * stride_qd
         do_ptrs0 = DOUT + h * stride_doh + offs_dv[None, :] * stride_dod
         lse_h = LSE + h * stride_lh
@@ -614,7 +656,7 @@ def _attention_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = _scores(qk, offs_m[:, None], cols[None, :], off, Lq, Lk, window_left, window_right,
                     scale_log2, softmax_scale, softcap, slope_log2, HAS_SOFTCAP, HAS_ALIBI, MASK)
-        p = tl.math.exp2(s - lse[:, None])
+        p = _exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
@@ -631,8 +673,8 @@ def _attention_bwd_dq_inner(dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k
 @triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
 def _attention_bwd_dq_kernel(
     Q, K, V, DOUT, LSE, DELTA, DQ, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG,
-    softmax_scale, softcap, window_left, window_right, dropout_scale, threshold,
-    total_q, total_k, batch, group,
+    softmax_scale: tl.float64, softcap: tl.float64, window_left, window_right,
+    dropout_scale: tl.float64, threshold, total_q, total_k, batch, group,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
     stride_dqt, stride_dqh, stride_dqd, stride_lh, stride_ab, stride_ah,
@@ -640,8 +682,12 @@ def _attention_bwd_dq_kernel(
     BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     ZERO_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, REVERSE: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     """One (query tile, query head) per program. Constexprs as in _attention_fwd_kernel."""
+    softmax_scale = _to_acc(softmax_scale, ACC)
+    softcap = _to_acc(softcap, ACC)
+    dropout_scale = _to_acc(dropout_scale, ACC)
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
     hk = h // group
@@ -677,7 +723,7 @@ def _attention_bwd_dq_kernel(
     delta = tl.load(DELTA + h * total_q + qrow, mask=qin, other=0.0)
 
     scale_log2 = softmax_scale * 1.4426950408889634
-    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI)
+    slope_log2 = _alibi_slope_log2(ALIBI, b, h, stride_ab, stride_ah, HAS_ALIBI, ACC)
     seed, rng_offset = _load_rng(RNG, HAS_DROPOUT)
 
     n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
@@ -686,7 +732,7 @@ def _attention_bwd_dq_kernel(
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), ACC)
     dq = _attention_bwd_dq_inner(
         dq, q, do, lse, delta, k_ptrs0, v_ptrs0, sk, total_k, n_start, n_a, offs_m, offs_n,
         offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2, softmax_scale,
@@ -724,6 +770,20 @@ _DKDV_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
 _DQ_CONFIGS = {16: (64, 64, 4, 2), 32: (64, 64, 4, 2), 64: (64, 64, 4, 2),
                128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 # float32 tiles are twice the bytes: halve both tile edges.
+# float64 (gradcheck and float64 tests on the GPU; speed does not matter): small tiles, one
+# stage, 4 warps. Shared memory is about 16 bytes * head dim * (rows of the loop-invariant tiles
+# + rows of the per-step tiles): e.g. dK/dV at head dim 256 holds K, V (BLOCK_N rows) and
+# loads Q, dO (BLOCK_M rows), so BLOCK_M + BLOCK_N <= 24 keeps it under 100 KB (sm_86/89 allow
+# 99 KB per block). BLOCK_M (dK/dV) and BLOCK_N (forward, dQ) are reduction dims of tl.dot, 16
+# at least; the other edge may be 8.
+_FP64_CONFIGS = {
+    "fwd": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (32, 16, 4, 1),
+            256: (16, 16, 4, 1)},
+    "dkdv": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (16, 16, 4, 1),
+             256: (16, 8, 4, 1)},
+    "dq": {16: (32, 32, 4, 1), 32: (32, 32, 4, 1), 64: (32, 32, 4, 1), 128: (16, 16, 4, 1),
+           256: (8, 16, 4, 1)},
+}
 # Under TRITON_INTERPRET=1 (CI on the CPU) small, unequal tiles keep runs fast and catch
 # a BLOCK_M / BLOCK_N mix-up.
 _INTERPRET_CONFIGS = {"fwd": (32, 16, 4, 1), "dkdv": (16, 32, 4, 1), "dq": (32, 16, 4, 1)}
@@ -794,6 +854,8 @@ def _config(kind: str, q: torch.Tensor, v: torch.Tensor, window_left: int, windo
         if entry is not None:
             return {**switches, **entry}
     table = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}[kind]
+    if q.dtype == torch.float64:
+        table = _FP64_CONFIGS[kind]
     block_m, block_n, warps, stages = table[max(_block(q.shape[2]), _block(v.shape[2]))]
     if q.dtype == torch.float32:
         block_m, block_n, stages = max(block_m // 2, 16), max(block_n // 2, 16), min(stages, 2)
@@ -813,10 +875,9 @@ def _dropout_threshold(p: float) -> int:
 
 
 def _check_supported(q, v, rng_state, dropout_p):
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, FP8):
-        raise TypeError(f"Triton varlen attention supports float16, bfloat16, float32 and "
-                        f"float8_e4m3fn (forward) inputs, got {q.dtype} (float64 runs on the CPU "
-                        f"kernel)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, FP8):
+        raise TypeError(f"Triton varlen attention supports float16, bfloat16, float32, float64 "
+                        f"and float8_e4m3fn (forward) inputs, got {q.dtype}")
     if q.shape[2] > _MAX_HEADDIM or v.shape[2] > _MAX_HEADDIM:
         raise ValueError(f"head dims up to {_MAX_HEADDIM} are supported, got headdim "
                          f"{q.shape[2]} and headdim_v {v.shape[2]}")
@@ -853,10 +914,15 @@ class _Common:
         self.values = (float(softmax_scale), float(softcap), int(window_left), int(window_right),
                        1.0 / (1.0 - dropout_p), _dropout_threshold(dropout_p) if has_dropout else 0,
                        q.shape[0], k.shape[0], self.batch, self.nheads // self.nheads_k)
+        # Compute dtype: float64 for float64 inputs (then softmax_lse and delta are float64
+        # too), float32 otherwise.
+        self.acc_dtype = lse_dtype(q)
+        self.acc = tl.float64 if self.acc_dtype == torch.float64 else tl.float32
         self.flags = dict(HEADDIM=q.shape[2], HEADDIM_V=v.shape[2], BLOCK_D=self.block_d,
                           BLOCK_DV=self.block_dv, BLOCK_B=_BLOCK_B, HAS_SOFTCAP=softcap > 0,
                           HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=has_dropout,
-                          DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                          DOT_PRECISION="ieee" if q.dtype in (torch.float32, torch.float64)
+                          else "tf32", ACC=self.acc)
 
     def grid(self, total, block, heads):
         return (triton.cdiv(total, block) + self.batch, heads)
@@ -939,7 +1005,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     fp8 = q.dtype == FP8
     total_q = q.shape[0]
     out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype(q))
-    lse = q.new_empty((c.nheads, total_q), dtype=torch.float32)
+    lse = q.new_empty((c.nheads, total_q), dtype=c.acc_dtype)
     if c.padded_q:
         lse.fill_(float("-inf"))
     elif _poison_outputs:
@@ -993,11 +1059,11 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
                      q.shape[0], k.shape[0])
     total_q, total_k = q.shape[0], k.shape[0]
-    softmax_lse = softmax_lse.float().contiguous()
+    softmax_lse = softmax_lse.to(c.acc_dtype).contiguous()
     dq = _new(torch.empty_like, c.padded_q, q)
     dk = _new(torch.empty_like, c.padded_k, k)
     dv = _new(torch.empty_like, c.padded_k, v)
-    delta = q.new_empty((c.nheads, total_q), dtype=torch.float32)
+    delta = q.new_empty((c.nheads, total_q), dtype=c.acc_dtype)
     if total_q == 0 and total_k == 0:
         return dq, dk, dv
     dlse = grad_lse if grad_lse is not None else softmax_lse
@@ -1007,7 +1073,7 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
             _attention_bwd_delta_kernel[(triton.cdiv(total_q, delta_block), c.nheads)](
                 out, grad_out, dlse, delta, total_q, *out.stride(), *grad_out.stride(),
                 *dlse.stride(), HEADDIM_V=v.shape[2], BLOCK_DV=c.block_dv, BLOCK_M=delta_block,
-                HAS_DLSE=grad_lse is not None)
+                HAS_DLSE=grad_lse is not None, ACC=c.acc)
         cfg = _config("dkdv", q, v, window_left, window_right, (config or {}).get("dkdv"))
         block_m, block_n, warps, stages = cfg["block_m"], cfg["block_n"], cfg["warps"], cfg["stages"]
         grid = c.grid(total_k, block_n, c.nheads_k)
