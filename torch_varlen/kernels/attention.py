@@ -898,9 +898,12 @@ class _Common:
         # FP8 tensor-core dots reduce over at least 32 elements: pad small head dims to 32.
         min_block = 32 if q.dtype == FP8 else 16
         self.block_d, self.block_dv = _block(q.shape[2], min_block), _block(v.shape[2], min_block)
-        self.seq = (cu_seqlens_q, cu_seqlens_k,
-                    cu_seqlens_q if cu_seqlens_q_padded is None else cu_seqlens_q_padded,
-                    cu_seqlens_k if cu_seqlens_k_padded is None else cu_seqlens_k_padded)
+        # The kernels index cu_seqlens as contiguous int32 arrays (a strided view would be
+        # read wrongly): copy the rare strided one, as the CPU kernel does.
+        self.seq = tuple(t.contiguous() for t in (
+            cu_seqlens_q, cu_seqlens_k,
+            cu_seqlens_q if cu_seqlens_q_padded is None else cu_seqlens_q_padded,
+            cu_seqlens_k if cu_seqlens_k_padded is None else cu_seqlens_k_padded))
         self.padded_q = cu_seqlens_q_padded is not None
         self.padded_k = cu_seqlens_k_padded is not None
         if alibi_slopes is None:
