@@ -427,3 +427,20 @@ def test_interp_bad_input_raises(case):
 @interp_only
 def test_interp_valid_edge_layouts_pass():
     _valid_edge_layouts("interp")
+
+
+# ---------------------------------------------------------------- strided cu_seqlens
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_strided_cu_seqlens_give_the_contiguous_result(device):
+    """A strided (non-contiguous) cu_seqlens view is read by value, not by its storage."""
+    torch.manual_seed(0)
+    s = make_attention_sample([5, 0, 9], [4, 3, 9], 4, 2, 16, 16, device, torch.float32, causal=True)
+    args = (s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, 9, 9, 0.25, -1, 0)
+    expect = _ops.attention_forward(*args)
+    strided = [torch.stack([c, torch.full_like(c, 10**6)], 1)[:, 0] for c in args[3:5]]
+    assert not strided[0].is_contiguous()
+    got = _ops.attention_forward(*args[:3], *strided, *args[5:])
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
