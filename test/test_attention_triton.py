@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 import torch_varlen
 from torch_varlen import reference
 from conftest import DEVICES, requires_cuda
+from interp_child import run_interpreter_tests
 from samples import (assert_compiled_step_matches_eager, attention_sample_inputs, cu_seqlens,
                      make_attention_sample)
 
@@ -241,16 +241,7 @@ def _long_samples(device, dtype):
 
 def test_triton_interpreter_subprocess():
     """Runs the test_interp_* tests in a child pytest with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-         "-k", "interp_"], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 20, tail
-    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_interpreter_tests(__file__, "interp_", min_passed=20)
 
 
 def _interp_samples():

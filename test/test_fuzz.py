@@ -67,6 +67,7 @@ except ImportError:  # an older hypothesis: no note() then
 import torch_varlen
 from torch_varlen import reference
 from conftest import requires_cuda
+from interp_child import run_interpreter_tests
 from test_attention_triton import (  # noqa: F401  (interpreter_bounds_check: autouse under TRITON_INTERPRET=1)
     INTERPRET, _check, _err, _finite, _launch_args, _reference, _run_launchers, _run_op,
     interpreter_bounds_check, triton_attention)
@@ -952,16 +953,7 @@ def test_interp_fuzz_attention(poisoned, ex):
 
 def test_fuzz_triton_interpreter_subprocess():
     """Runs this file's test_interp_fuzz_* tests in a child pytest with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1", TORCH_VARLEN_ATTENTION_BACKEND="torch_varlen")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)), "-k", "interp_fuzz"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-8000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) >= 1, tail
-    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_interpreter_tests(__file__, "interp_fuzz", timeout=600)
 
 
 # ---------------------------------------------------------------- padding ops

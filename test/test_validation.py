@@ -32,6 +32,7 @@ import torch
 
 import torch_varlen  # noqa: F401  (registers torch.ops.varlen)
 from conftest import requires_cuda
+from interp_child import run_interpreter_tests
 from samples import cu_seqlens, make_attention_sample
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -405,16 +406,7 @@ def _valid_edge_layouts(device):
 
 def test_triton_interpreter_subprocess():
     """Runs the test_interp_* tests in a child pytest with TRITON_INTERPRET=1."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
-         "-k", "interp_"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, tail
-    passed = re.search(r"(\d+) passed", proc.stdout)
-    assert passed and int(passed.group(1)) == len(CASES) + 1, tail
-    assert "skipped" not in proc.stdout.splitlines()[-1], tail
+    run_interpreter_tests(__file__, "interp_", exact_passed=len(CASES) + 1, timeout=600)
 
 
 @interp_only
