@@ -68,7 +68,8 @@ def corpus_sentences(count):
 def minilm():
     path = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    # float32 whatever the checkpoint's dtype (make test-gpu carries a float16 copy)
+    model = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
     return tokenizer, model
 
 
@@ -186,7 +187,8 @@ def test_minilm_compiled_unpadded_matches_eager(minilm):
 def test_minilm_attn_implementation_varlen(minilm):
     tokenizer, model = minilm
     batch = batch_of(tokenizer, corpus_sentences(6))
-    varlen_model = AutoModel.from_pretrained(minilm_path(), attn_implementation="varlen").eval()
+    varlen_model = AutoModel.from_pretrained(minilm_path(), attn_implementation="varlen",
+                                                 dtype=torch.float32).eval()
     assert varlen_model.config._attn_implementation == "varlen"
     with torch.no_grad():
         ref = model(**batch).last_hidden_state
@@ -199,7 +201,8 @@ def test_unpadded_task_model_and_roberta(minilm):
     tokenizer, _ = minilm
     batch = batch_of(tokenizer, corpus_sentences(5))
     torch.manual_seed(0)
-    classifier = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3).eval()
+    classifier = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=3,
+                                                               dtype=torch.float32).eval()
     roberta = RobertaModel(RobertaConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=2,
                                          num_attention_heads=4, intermediate_size=96, pad_token_id=1)).eval()
     ids = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 1)  # RoBERTa pads with 1

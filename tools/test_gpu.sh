@@ -38,8 +38,9 @@ fi
 
 # Build with the system compiler where there is one: the H200 image's default g++ links a second
 # libstdc++ whose stream code crashes in TORCH_CHECK messages (benchmarks/NOTES.md).
-if [ -x /usr/bin/g++ ]; then
-  export CXX=${CXX:-/usr/bin/g++} CUDAHOSTCXX=${CUDAHOSTCXX:-/usr/bin/g++}
+# The image sets CXX to that compiler, so /usr/bin/g++ overrides it (TEST_GPU_CXX to choose).
+if [ -n "${TEST_GPU_CXX:-}" ] || [ -x /usr/bin/g++ ]; then
+  export CXX=${TEST_GPU_CXX:-/usr/bin/g++} CUDAHOSTCXX=${TEST_GPU_CXX:-/usr/bin/g++}
 fi
 export MAX_JOBS=${MAX_JOBS:-16}
 mkdir -p build

@@ -1024,11 +1024,12 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         v = _fp8_v_transposed(v)
     (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
         _descale(t, q) for t in (q_descale, k_descale, v_descale))
-    # Triton 3.6 on sm_90 miscompiles P @ V in the 4-warp forward when the V tile is narrower
-    # than the q/k tile (BLOCK_DV < BLOCK_D <= 64): lse right, out wrong for (40, 24), (24, 8),
-    # (56, 8), and (48, 24) at one stage (benchmarks/NOTES.md "Head-dim pairs"). The forward
-    # never compiles that tile pair: its V tile is widened to the q/k tile (masked loads).
-    flags = dict(c.flags, BLOCK_DV=max(c.block_dv, c.block_d)) if c.block_d <= 64 else c.flags
+    # Triton 3.6 on sm_90 miscompiles P @ V when the forward's V tile is narrower than its q/k
+    # tile (BLOCK_DV < BLOCK_D): lse right, out wrong for (40, 24), (24, 8), (56, 8), (48, 24) at
+    # one stage, and an illegal memory access for (72, 8) (benchmarks/NOTES.md "Head-dim pairs").
+    # The forward never compiles that tile pair: its V tile is at least as wide as the q/k tile
+    # (loads and stores stay masked to headdim_v; the extra columns are zeros).
+    flags = dict(c.flags, BLOCK_DV=max(c.block_dv, c.block_d))
     grid = c.grid(total_q, block_m, c.nheads)
     if grid[0] > 0 and total_q > 0:
         with _device(q):
