@@ -2,6 +2,7 @@ import datetime
 import json
 import os
 import time
+import zlib
 
 import pytest
 import torch
@@ -32,6 +33,39 @@ def pytest_configure(config):
     # Taken out of the environment so that child pytest runs started by tests (the Triton
     # interpreter suite) do not overwrite the report of this run.
     config._varlen_report_path = os.environ.pop("TORCH_VARLEN_TEST_REPORT", None)
+    shard = os.environ.pop("TORCH_VARLEN_TEST_SHARD", None)
+    config._varlen_shard = getattr(config, "workerinput", {}).get("varlen_shard", shard)
+
+
+def _shard(config):
+    """TORCH_VARLEN_TEST_SHARD="i/n": this run takes the i-th of n disjoint parts of the suite
+    (by a stable hash of each test's id), so that a suite longer than one machine call runs in n
+    calls whose reports tools/merge_test_reports.py adds up."""
+    spec = config._varlen_shard
+    if not spec:
+        return None
+    i, n = (int(x) for x in spec.split("/"))
+    if not 1 <= i <= n:
+        raise ValueError(f"TORCH_VARLEN_TEST_SHARD must be i/n with 1 <= i <= n, got {spec!r}")
+    return i, n
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    # pytest-xdist: workers collect, so they get the shard from the controller (not from the
+    # environment, which child pytest runs started by tests must not inherit)
+    node.workerinput["varlen_shard"] = node.config._varlen_shard
+
+
+def pytest_collection_modifyitems(config, items):
+    shard = _shard(config)
+    if shard is None:
+        return
+    i, n = shard
+    keep = [it for it in items if zlib.crc32(it.nodeid.encode()) % n == i - 1]
+    kept = {id(it) for it in keep}
+    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
+    items[:] = keep
 
 
 def pytest_runtest_setup(item):
@@ -74,6 +108,7 @@ def pytest_sessionfinish(session, exitstatus):
         "triton": triton_version,
         "python": ".".join(map(str, __import__("sys").version_info[:3])),
         "command": os.environ.get("TORCH_VARLEN_TEST_COMMAND", ""),
+        "shard": session.config._varlen_shard or "1/1",
         "passed": _REPORT["passed"],
         "failed": len(_REPORT["failed"]),
         "failures": _REPORT["failed"],

@@ -8,7 +8,8 @@
 # Environment: GPU_DEPS (default .gpu), PYTHON (default python3), TEST_GPU_WORKERS (default 8; 0 = no xdist),
 # TORCH_VARLEN_COMMIT (recorded in the report; default: git rev-parse HEAD), PYTEST_ARGS,
 # TEST_GPU_SECONDS (optional: tests that would start later than this many seconds after the
-# start are skipped as "not run", and the report lists them).
+# start are skipped as "not run", and the report lists them), TEST_GPU_SHARD (optional, "i/n":
+# run the i-th of n parts; tools/merge_test_reports.py adds the n reports up).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -49,6 +50,9 @@ $PY setup.py -q build_ext --inplace > build/test-gpu-build.log 2>&1 \
 
 if [ -n "${TEST_GPU_SECONDS:-}" ]; then
   export TORCH_VARLEN_TEST_DEADLINE=$(( $(date +%s) + TEST_GPU_SECONDS ))
+fi
+if [ -n "${TEST_GPU_SHARD:-}" ]; then
+  export TORCH_VARLEN_TEST_SHARD=$TEST_GPU_SHARD
 fi
 export TORCH_VARLEN_COMMIT=${TORCH_VARLEN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 export TORCH_VARLEN_TEST_REPORT=$REPORT

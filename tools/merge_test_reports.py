@@ -1,0 +1,47 @@
+"""Add up the run reports of the shards of one make test-gpu (TEST_GPU_SHARD=1/n ... n/n) into one.
+
+Usage: python tools/merge_test_reports.py shard1.json shard2.json ... -o benchmarks/results/gpu_tests.json
+The shards must come from one commit and together cover 1/n .. n/n exactly once.
+"""
+
+import argparse
+import json
+import sys
+
+
+def merge(reports):
+    first = reports[0]
+    commits = {r["commit"] for r in reports}
+    if len(commits) != 1:
+        sys.exit(f"shards of different commits: {sorted(commits)}")
+    shards = sorted(r.get("shard", "1/1") for r in reports)
+    n = int(shards[0].split("/")[1])
+    if shards != sorted(f"{i}/{n}" for i in range(1, n + 1)):
+        sys.exit(f"shards {shards} do not cover 1/{n} .. {n}/{n} exactly once")
+    out = {k: first[k] for k in ("commit", "device", "torch", "triton", "python")}
+    out["date"] = max(r["date"] for r in reports)
+    out["command"] = first.get("command", "")
+    out["shard"] = f"{n} shards merged"
+    for key in ("passed", "failed", "xfailed", "seconds"):
+        out[key] = round(sum(r[key] for r in reports), 1)
+    out["failures"] = sorted(f for r in reports for f in r["failures"])
+    out["skipped"] = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["test"])
+    out["exit_status"] = max(r["exit_status"] for r in reports)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("reports", nargs="+")
+    ap.add_argument("-o", "--output", required=True)
+    a = ap.parse_args()
+    merged = merge([json.load(open(p)) for p in a.reports])
+    with open(a.output, "w") as f:
+        json.dump(merged, f, indent=1)
+        f.write("\n")
+    print(f"{a.output}: {merged['passed']} passed, {merged['failed']} failed, "
+          f"{len(merged['skipped'])} skipped")
+
+
+if __name__ == "__main__":
+    main()
