@@ -54,7 +54,13 @@ fi
 if [ -n "${TEST_GPU_SHARD:-}" ]; then
   export TORCH_VARLEN_TEST_SHARD=$TEST_GPU_SHARD
 fi
-export TORCH_VARLEN_COMMIT=${TORCH_VARLEN_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+if [ -z "${TORCH_VARLEN_COMMIT:-}" ]; then  # the tested code: HEAD, marked -dirty if edited
+  TORCH_VARLEN_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+  if [ -n "$(git status --porcelain -- torch_varlen test tools 2>/dev/null)" ]; then
+    TORCH_VARLEN_COMMIT=$TORCH_VARLEN_COMMIT-dirty
+  fi
+fi
+export TORCH_VARLEN_COMMIT
 export TORCH_VARLEN_TEST_REPORT=$REPORT
 workers=${TEST_GPU_WORKERS:-8}
 xdist=()
