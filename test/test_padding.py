@@ -312,3 +312,56 @@ def test_compile_no_recompile(device, model):
             for a, e in zip(actual, expected):
                 torch.testing.assert_close(a, e)
     assert counter.frame_count == 1, f"recompiled: {counter.frame_count} frames for {len(shapes)} shapes"
+
+
+# ---------------------------------------------------------------- flash-attn's index_* names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_first_axis_family_matches_indexing(device):
+    """index_first_axis / index_put_first_axis / index_first_axis_residual equal plain
+    indexing (values and gradients, float64), as in flash-attn's bert_padding."""
+    from torch_varlen.bert_padding import (index_first_axis, index_first_axis_residual,
+                                           index_put_first_axis)
+
+    torch.manual_seed(0)
+    x = torch.randn(11, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    idx = torch.tensor([7, 0, 3, 10, 4], device=device)
+    g = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
+    rows = index_first_axis(x, idx)
+    assert torch.equal(rows, x[idx])
+    (gx,) = torch.autograd.grad(rows, x, g)
+    (ex,) = torch.autograd.grad(x[idx], x, g)
+    assert torch.equal(gx, ex)
+
+    vals = torch.randn(5, 3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    put = index_put_first_axis(vals, idx, 11)
+    expect = torch.zeros(11, 3, 4, dtype=torch.float64, device=device).index_put((idx,), vals)
+    assert torch.equal(put, expect)
+    gp = torch.randn(11, 3, 4, dtype=torch.float64, device=device)
+    assert torch.equal(torch.autograd.grad(put, vals, gp)[0], gp[idx])
+    # an index equal to first_axis_dim is dropped (capacity padding), as pad_input does
+    dropped = index_put_first_axis(vals, torch.tensor([7, 0, 3, 10, 11], device=device), 11)
+    assert torch.equal(dropped[[7, 0, 3, 10]], vals[:4].detach()) and dropped[4].eq(0).all()
+
+    rows, residual = index_first_axis_residual(x, idx)
+    gr = torch.randn_like(x)
+    (gx,) = torch.autograd.grad((rows, residual), x, (g, gr))
+    assert torch.equal(rows, x[idx]) and torch.equal(residual, x)
+    assert torch.allclose(gx, gr.index_add(0, idx, g), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_first_axis_bad_inputs(device):
+    from torch_varlen.bert_padding import index_first_axis, index_put_first_axis
+
+    x = torch.randn(4, 2, device=device)
+    with pytest.raises(ValueError, match="index_first_axis: input must have at least 2 dims"):
+        index_first_axis(x[:, 0], torch.tensor([0], device=device))
+    with pytest.raises(ValueError, match="index_first_axis: indices must be 1-D int64"):
+        index_first_axis(x, torch.tensor([0], dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="index_put_first_axis: indices must be 1-D int64"):
+        index_put_first_axis(x, torch.zeros(4, 1, dtype=torch.int64, device=device), 4)
+    if device == "cpu":  # CUDA checks index ranges with a device assert (test_padding_cuda.py)
+        with pytest.raises(RuntimeError, match=r"indices must be in \[0, batch\*seqlen\]"):
+            index_first_axis(x, torch.tensor([5], device=device))

@@ -71,6 +71,40 @@ def pad_input(hidden_states, indices, batch, seqlen):
     return _ops.pad(hidden_states, indices, batch, seqlen)
 
 
+def _check_first_axis(input, indices, name):
+    if input.dim() < 2:
+        raise ValueError(f"{name}: input must have at least 2 dims (first_axis, *), got shape "
+                         f"{tuple(input.shape)}")
+    if indices.dim() != 1 or indices.dtype != torch.int64:
+        raise ValueError(f"{name}: indices must be 1-D int64, got {indices.dtype} of shape "
+                         f"{tuple(indices.shape)}")
+
+
+def index_first_axis(input, indices):
+    """flash-attn's ``index_first_axis``: ``input[indices]`` for input (N, *), indices int64
+    (nnz,) -> (nnz, *), differentiable (the backward scatters into zeros of N rows). It is
+    ``gather_rows`` on N rows of one "batch", so an index equal to N gives a zero row (the
+    capacity convention) and one past N is an error. Indices must be distinct for the gradient
+    (as ``unpad_input`` makes them; flash-attn's scatter has the same rule)."""
+    _check_first_axis(input, indices, "index_first_axis")
+    return _ops.gather_rows(input.unsqueeze(0), indices)
+
+
+def index_put_first_axis(values, indices, first_axis_dim):
+    """flash-attn's ``index_put_first_axis``: zeros (first_axis_dim, *) with ``values`` (nnz, *)
+    at rows ``indices`` (int64, distinct, < first_axis_dim; indices equal to first_axis_dim
+    are dropped); differentiable. ``pad`` with one "batch" of first_axis_dim rows."""
+    _check_first_axis(values, indices, "index_put_first_axis")
+    return _ops.pad(values, indices, 1, first_axis_dim)[0]
+
+
+def index_first_axis_residual(input, indices):
+    """flash-attn's ``index_first_axis_residual``: ``(input[indices], input)`` for a fused
+    residual path; the gradient of ``input`` is that of the residual plus the rows'
+    gradients scattered back at ``indices``."""
+    return index_first_axis(input, indices), input
+
+
 def unpad_input_for_concatenated_sequences(hidden_states, attention_mask_in_length):
     """Unpad rows that each hold several concatenated samples.
 
