@@ -567,9 +567,9 @@ def test_errors_name_the_argument(device):
     with pytest.raises(RuntimeError, match="q must be float16, bfloat16, float32 or float64"):
         fwd(*[a.int() if i < 3 else a for i, a in enumerate(args)])
     q64, v64 = s.q.detach().double(), s.v.detach().double()
-    triton_attention._check_supported(q64, v64, None, 0.0)
+    triton_attention._check_supported(q64, v64)
     with pytest.raises(TypeError, match="float64 and float8_e4m3fn .forward. inputs, got torch.float8_e5m2"):
-        triton_attention._check_supported(q64.to(torch.float8_e5m2), v64, None, 0.0)
+        triton_attention._check_supported(q64.to(torch.float8_e5m2), v64)
     big = [torch.randn(7, 2, 512, device=device), torch.randn(7, 2, 512, device=device),
            torch.randn(7, 2, 512, device=device)]
     with pytest.raises(ValueError, match="head dims up to 256"):

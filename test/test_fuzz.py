@@ -118,7 +118,7 @@ def _float64_supported() -> bool:
     """Whether the Triton launchers take float64 (the float64 CUDA path)."""
     q = torch.zeros(1, 1, 8, dtype=torch.float64)
     try:
-        triton_attention._check_supported(q, q, None, 0.0)
+        triton_attention._check_supported(q, q)
     except TypeError:
         return False
     return True

@@ -874,7 +874,7 @@ def _dropout_threshold(p: float) -> int:
     return min(int(math.floor(p * 4294967296.0)), 0xFFFFFFFF)
 
 
-def _check_supported(q, v, rng_state, dropout_p):
+def _check_supported(q, v):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64, FP8):
         raise TypeError(f"Triton varlen attention supports float16, bfloat16, float32, float64 "
                         f"and float8_e4m3fn (forward) inputs, got {q.dtype}")
@@ -892,7 +892,7 @@ class _Common:
         check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                                cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                                softcap, dropout_p, rng_state, q_descale, k_descale, v_descale)
-        _check_supported(q, v, rng_state, dropout_p)
+        _check_supported(q, v)
         self.batch = cu_seqlens_q.shape[0] - 1
         self.nheads, self.nheads_k = q.shape[1], k.shape[1]
         # FP8 tensor-core dots reduce over at least 32 elements: pad small head dims to 32.
@@ -1063,7 +1063,7 @@ def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seq
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
                      q.shape[0], k.shape[0])
     total_q, total_k = q.shape[0], k.shape[0]
-    softmax_lse = softmax_lse.to(c.acc_dtype).contiguous()
+    softmax_lse = softmax_lse.contiguous()  # its dtype, lse_dtype(q), is checked above
     dq = _new(torch.empty_like, c.padded_q, q)
     dk = _new(torch.empty_like, c.padded_k, k)
     dv = _new(torch.empty_like, c.padded_k, v)
