@@ -20,8 +20,8 @@ forward"), on the max and on the mean of |out - reference| over all entries:
   (running max, 64- or 128-key blocks, row sum from the unrounded or from the rounded P,
   sequences up to 4096 keys) measured err/err(emulation) between 0.8 and 1.06 (max) and
   0.92 and 1.0 (mean). A kernel that keeps P in bfloat16 is well inside the bound. softmax_lse
-  (float32) is within 1e-3 of the reference relative to max(1, |lse|) on every device (it never
-  sees a rounded P, but FP8 tensor cores accumulate q.k less exactly than float32).
+  (float32) never sees a rounded P, but FP8 tensor cores accumulate q.k less exactly than
+  float32: its bound is lse_accumulation_bound below.
 """
 
 import re
@@ -171,9 +171,29 @@ def assert_within_fp8_bound(s, out, lse, fp8_p):
     lse = lse.cpu()
     fin = torch.isfinite(ref_lse)
     assert torch.equal(torch.isfinite(lse), fin)  # -inf exactly where a row sees no key
-    # Relative: FP8 tensor-core dots on the H200 accumulate q.k less exactly than float32
-    # (measured: 0.012 absolute, 8e-5 relative, at |lse| ~ 145 with unit descales).
-    assert ((lse[fin].double() - ref_lse[fin]).abs() / ref_lse[fin].abs().clamp(min=1)).max() <= 1e-3
+    err = (lse.double() - ref_lse)[fin].abs()
+    assert (err <= lse_accumulation_bound(s)[fin]).all(), f"lse error {err.max().item():.3g}"
+
+
+def lse_accumulation_bound(s):
+    """Bound on |lse - reference| per (head, row): 1e-4 relative to max(1, |lse|) for float32
+    exp/log, plus the error of accumulating q.k on FP8 tensor cores, which keep about 14
+    mantissa bits in their sums (DeepSeek-V3, section 3.3.2): each of the headdim additions of a
+    score loses at most 2^-13 of sum_d |q_d k_d|, so a score is off by at most
+    headdim * 2^-13 * scale * sum_d |q_d k_d|, and lse, a smooth max of the scores (softcap
+    and ALiBi do not amplify), by at most the largest of those over the row's keys. The H200
+    measured up to 1.4e-3 relative to |lse| on fuzz draws, inside this bound."""
+    q, k = s.dequantized("q").abs(), s.dequantized("k").abs()
+    headdim, group = q.shape[-1], q.shape[1] // k.shape[1]
+    scale = s.kwargs.get("softmax_scale") or headdim ** -0.5
+    worst = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float64)
+    for sq, sk, lq, lk in zip(s.starts("q"), s.starts("k"), s.lengths_q, s.lengths_k):
+        if lq and lk:
+            kb = k[sk:sk + lk].repeat_interleave(group, 1).transpose(0, 1)  # (H, lk, D)
+            dots = q[sq:sq + lq].transpose(0, 1) @ kb.transpose(1, 2)  # (H, lq, lk)
+            worst[:, sq:sq + lq] = dots.amax(-1)
+    ref_lse = s.reference()[1]
+    return 1e-4 * ref_lse.abs().clamp(min=1) + headdim * 2.0 ** -13 * scale * worst
 
 
 @pytest.mark.parametrize("device", DEVICES)
