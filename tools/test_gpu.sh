@@ -9,7 +9,8 @@
 # TORCH_VARLEN_COMMIT (recorded in the report; default: git rev-parse HEAD), PYTEST_ARGS,
 # TEST_GPU_SECONDS (optional: tests that would start later than this many seconds after the
 # start are skipped as "not run", and the report lists them), TEST_GPU_SHARD (optional, "i/n":
-# run the i-th of n parts; tools/merge_test_reports.py adds the n reports up).
+# run the i-th of n parts; tools/merge_test_reports.py adds the n reports up), TEST_GPU_PATHS
+# (default test/: a run of selected files is a probe, not GPU truth; the report's command shows it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -67,8 +68,9 @@ xdist=()
 if [ "$workers" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then
   xdist=(-n "$workers")
 fi
-export TORCH_VARLEN_TEST_COMMAND="pytest test/ ${xdist[*]} ${PYTEST_ARGS:-}"
-$PY -m pytest test/ -q "${xdist[@]}" ${PYTEST_ARGS:-}
+paths=${TEST_GPU_PATHS:-test/}
+export TORCH_VARLEN_TEST_COMMAND="pytest $paths ${xdist[*]} ${PYTEST_ARGS:-}"
+$PY -m pytest $paths -q "${xdist[@]}" ${PYTEST_ARGS:-}
 status=$?
 $PY - "$REPORT" <<'PY'
 import json, sys
