@@ -10,6 +10,9 @@ from . import autograd  # noqa: F401
 from . import kernels  # noqa: F401
 from .ops import (  # noqa: F401
     attention_backend,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,

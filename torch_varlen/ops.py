@@ -25,6 +25,9 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
 ]
 
 
@@ -293,3 +296,74 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, *args, **kwarg
     """As ``flash_attn_varlen_func`` with qkv (N, 3, H, D) packed (self-attention)."""
     return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens,
                                   max_seqlen, max_seqlen, *args, **kwargs)
+
+
+# ---------------------------------------------------------------- fixed length (B, S, H, D)
+
+
+def _check_fixed(name, t, batch=None):
+    if t.dim() != 4:
+        raise ValueError(f"flash_attn_func: {name} must be (batch, seqlen, nheads, headdim), got shape "
+                         f"{tuple(t.shape)}")
+    if batch is not None and t.shape[0] != batch:
+        raise ValueError(f"flash_attn_func: {name} must have q's batch size {batch}, got shape "
+                         f"{tuple(t.shape)}")
+
+
+def _rows(t):
+    """(B, S, H, D) -> (B*S, H, D): a view whenever the batch and sequence dims merge (as for a
+    contiguous tensor or a slice of a packed qkv / kv); reshape copies only otherwise."""
+    return t.reshape(t.shape[0] * t.shape[1], t.shape[2], t.shape[3])
+
+
+def flash_attn_func(q, k, v, dropout_p=0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                    softcap=0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                    **kwargs):
+    """flash-attn's fixed-length attention: every sequence of the batch has the full length.
+
+    q (B, S_q, H, D), k (B, S_k, Hk, D), v (B, S_k, Hk, Dv) -> out (B, S_q, H, Dv); with
+    ``return_attn_probs=True``, ``(out, softmax_lse (B, H, S_q) float32, attn_probs
+    (B, H, S_q, S_k))`` as flash-attn returns ``(out, softmax_lse, S_dmask)``; attn_probs is
+    ``flash_attn_varlen_func``'s (the weights after masking and dropout, from the float64
+    reference: for tests only), not flash-attn's sign-encoded S_dmask. The options and their
+    semantics are ``varlen_attention``'s (causal aligned bottom-right when S_q != S_k).
+    ``kwargs``: the keyword-only options of ``flash_attn_varlen_func`` (``sink``, ``backend``,
+    ``rng_state``, FP8 descales, ...).
+
+    This is one varlen call, with no copy of q, k or v: (B, S, H, D) is viewed as
+    (B*S, H, D) and ``cu_seqlens = [0, S, 2S, ..., B*S]`` (an arange on q's device). out is a
+    view of the op's output, softmax_lse a (B, H, S_q) view of its (H, B*S_q) lse.
+    """
+    _check_fixed("q", q)
+    _check_fixed("k", k, q.shape[0])
+    _check_fixed("v", v, q.shape[0])
+    batch, seqlen_q, nheads, _ = q.shape
+    seqlen_k = k.shape[1]
+    cu = lambda s: torch.arange(0, (batch + 1) * s, s, dtype=torch.int32, device=q.device)  # noqa: E731
+    result = flash_attn_varlen_func(
+        _rows(q), _rows(k), _rows(v), cu(seqlen_q), cu(seqlen_k), seqlen_q, seqlen_k,
+        dropout_p=dropout_p, softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+        softcap=softcap, alibi_slopes=alibi_slopes, deterministic=deterministic,
+        return_lse=return_attn_probs, return_attn_probs=return_attn_probs, **kwargs,
+    )
+    out = (result[0] if return_attn_probs else result).view(batch, seqlen_q, nheads, -1)
+    if not return_attn_probs:
+        return out
+    lse = result[1].view(nheads, batch, seqlen_q).transpose(0, 1)
+    return out, lse, result[2]
+
+
+def flash_attn_kvpacked_func(q, kv, *args, **kwargs):
+    """As ``flash_attn_func`` with kv (B, S_k, 2, Hk, D) packed (k and v are views of it)."""
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"flash_attn_kvpacked_func: kv must be (batch, seqlen_k, 2, nheads_k, headdim), "
+                         f"got shape {tuple(kv.shape)}")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], *args, **kwargs)
+
+
+def flash_attn_qkvpacked_func(qkv, *args, **kwargs):
+    """As ``flash_attn_func`` with qkv (B, S, 3, H, D) packed (self-attention; views of it)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"flash_attn_qkvpacked_func: qkv must be (batch, seqlen, 3, nheads, headdim), "
+                         f"got shape {tuple(qkv.shape)}")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], *args, **kwargs)
