@@ -97,3 +97,67 @@ def test_bad_shapes_raise(device):
         torch_varlen.flash_attn_qkvpacked_func(q)
     with pytest.raises(ValueError, match=r"kv must be \(batch, seqlen_k, 2, nheads_k, headdim\)"):
         torch_varlen.flash_attn_kvpacked_func(q, torch.stack([q, q, q], 2))
+
+
+# ---------------------------------------------------------------- torch_varlen.testing
+
+
+def test_generate_random_padding_mask_modes():
+    from torch_varlen.testing import generate_random_padding_mask
+
+    torch.manual_seed(3)
+    full = generate_random_padding_mask(9, 3, "cpu", mode="full")
+    assert full.dtype == torch.bool and full.shape == (3, 9) and bool(full.all())
+    for mode, low in (("random", 1), ("third", 3)):
+        m = generate_random_padding_mask(9, 50, "cpu", mode=mode)
+        lengths = m.sum(1)
+        assert bool((lengths >= low).all()) and bool((lengths <= 9).all())
+        assert torch.equal(m, torch.arange(9)[None] < lengths[:, None])  # right padding
+    z = generate_random_padding_mask(30, 7, "cpu", zero_lengths=True).sum(1)
+    assert z[0] == 0 and z[5] == 0 and z[-1] == 0
+    with pytest.raises(ValueError, match="mode must be"):
+        generate_random_padding_mask(4, 2, "cpu", mode="left")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_guide_end_to_end_example_with_generate_qkv(device):
+    """The AITER guide's example (generate_qkv, varlen attention, pad back) at small sizes, and
+    the kv- / qkv-packed returns driving the packed varlen functions to the same result."""
+    from torch_varlen.testing import generate_qkv, generate_random_padding_mask
+
+    torch.manual_seed(4)
+    b, s, h, d = 3, 10, 2, 8
+    q, k, v = (_randn(b, s, h, d, device=device) for _ in range(3))
+    qmask = generate_random_padding_mask(s, b, device, zero_lengths=True)
+    kmask = generate_random_padding_mask(s, b, device)
+    (q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, q_pad, k_pad, v_pad, output_pad_fn,
+     dq_pad_fn, dk_pad_fn) = generate_qkv(q, k, v, qmask, kmask)
+    assert q_unpad.requires_grad and q_pad.requires_grad and not q_pad.grad_fn
+    out_unpad = torch_varlen.flash_attn_varlen_func(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q,
+                                                    max_k, causal=True)
+    out = output_pad_fn(out_unpad)
+    assert out.shape == (b, s, h, d) and bool((out[~qmask] == 0).all())
+    ref = reference.attention(q_unpad, k_unpad, v_unpad, cu_q, cu_k, causal=True)[0]
+    torch.testing.assert_close(out[qmask], ref)
+    dq, dk = torch.autograd.grad(out_unpad.sum(), (q_unpad, k_unpad))
+    assert dq_pad_fn(dq).shape == q.shape and dk_pad_fn(dk).shape == k.shape
+
+    (q2, kv_unpad, cu_q2, cu_k2, mq, mk, _, kv, _, _, dkv_pad_fn) = generate_qkv(
+        q, k, v, qmask, kmask, kvpacked=True)
+    assert kv.shape == (b, s, 2, h, d)
+    out2 = torch_varlen.flash_attn_varlen_kvpacked_func(q2, kv_unpad, cu_q2, cu_k2, mq, mk, causal=True)
+    torch.testing.assert_close(out2, out_unpad)
+    assert dkv_pad_fn(torch.autograd.grad(out2.sum(), kv_unpad)[0]).shape == kv.shape
+
+    qkv_unpad, cu, mx, qkv, pad_fn, dqkv_pad_fn = generate_qkv(q, k, v, qmask, qmask, qkvpacked=True)
+    out3 = torch_varlen.flash_attn_varlen_qkvpacked_func(qkv_unpad, cu, mx)
+    ref3 = reference.attention(*qkv_unpad.unbind(1), cu, cu)[0]
+    torch.testing.assert_close(out3, ref3)
+    assert pad_fn(out3).shape == (b, s, h, d) and qkv.shape == (b, s, 3, h, d)
+    assert dqkv_pad_fn(torch.autograd.grad(out3.sum(), qkv_unpad)[0]).shape == qkv.shape
+
+    # no masks: every row kept, cu_seqlens an arange
+    full = generate_qkv(q, k, v)
+    assert full[3].tolist() == list(range(0, (b + 1) * s, s)) and full[5] == s
+    with pytest.raises(ValueError, match="qkvpacked needs"):
+        generate_qkv(q, k, v, qmask, kmask, qkvpacked=True)
