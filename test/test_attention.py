@@ -499,3 +499,36 @@ t.test_half_precision_error_ratio("cpu", torch.float16, "everything")
     res = subprocess.run([sys.executable, "-c", script, here], env=dict(os.environ, **env), capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- AITER keyword names
+
+
+@pytest.mark.parametrize("device", ATTN_DEVICES)
+def test_aiter_keywords(device):
+    """logits_soft_cap = softcap, min_seqlen_q a hint, out= written and returned, a 3-entry
+    window_size with 0 sink tokens, block_table / seqused_k None; clear errors otherwise."""
+    s = get_sample("basic", device, torch.float32)
+    f = torch_varlen.flash_attn_varlen_func
+    args = (s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, s.max_seqlen_q, s.max_seqlen_k)
+    ref = f(*args, softcap=2.0, window_size=(2, 1))
+    got = f(*args, logits_soft_cap=2.0, window_size=(2, 1, 0), min_seqlen_q=1, block_table=None,
+            seqused_k=None)
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(f(*args, softcap=2.0, logits_soft_cap=2.0), f(*args, softcap=2.0))
+    buf = torch.full_like(ref, float("nan"))
+    res, lse = f(*args, softcap=2.0, window_size=(2, 1), out=buf, return_lse=True)
+    assert res is buf
+    torch.testing.assert_close(buf, ref)
+    with pytest.raises(ValueError, match=r"softcap \(1.0\) and logits_soft_cap \(2.0\) are the same option"):
+        f(*args, softcap=1.0, logits_soft_cap=2.0)
+    with pytest.raises(NotImplementedError, match="sink tokens .* third entry must be 0"):
+        f(*args, window_size=(4, 0, 2))
+    for kw in (dict(block_table=torch.zeros(3, 1, dtype=torch.int32, device=device)),
+               dict(seqused_k=torch.ones(3, dtype=torch.int32, device=device))):
+        with pytest.raises(NotImplementedError, match=r"paged KV \(block_table\) is not supported yet"):
+            f(*args, **kw)
+    for bad, what in ((ref[:, :, :4], r"shape \(9, 2, 16\)"), (ref.double(), "torch.float32"),
+                      (ref.to("meta"), f"on {ref.device}")):
+        with pytest.raises(ValueError, match=f"out must be .*{what}"):
+            f(*args, out=bad)

@@ -239,7 +239,8 @@ def flash_attn_varlen_func(
     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0, alibi_slopes=None,
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
     cu_seqlens_k_padded=None, *, rng_state=None, q_descale=None, k_descale=None, v_descale=None,
-    backend=None,
+    backend=None, logits_soft_cap=None, min_seqlen_q=None, out=None, block_table=None,
+    seqused_k=None,
 ):
     """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
 
@@ -250,10 +251,22 @@ def flash_attn_varlen_func(
     by the float64 reference for tests and debugging only: it is slow and syncs the host.
     ``backend`` (keyword): ``"auto"``, ``"torch_varlen"`` or ``"fa4"``, as in ``varlen_attention``.
     ``q_descale`` / ``k_descale`` / ``v_descale``: the FP8 forward (float8_e4m3fn q, k, v).
+
+    AITER's keyword names: ``logits_soft_cap`` is ``softcap`` (an error if both are given and
+    differ); ``min_seqlen_q`` is accepted and unused (a hint, like ``max_seqlen_*``); ``out``
+    (N_q, H, Dv) in out's dtype on q's device receives the output (copied in) and is returned
+    in its place; ``window_size`` may have a third entry, AITER's count of sink tokens (the
+    first keys every query sees besides its window), which must be 0 (only 0 is supported).
+    ``block_table`` / ``seqused_k`` (paged KV) must be None for now.
     """
+    if block_table is not None or seqused_k is not None:
+        raise NotImplementedError("paged KV (block_table) is not supported yet: block_table and "
+                                  "seqused_k must be None")
+    softcap = _aiter_softcap(softcap, logits_soft_cap)
+    window_size = _aiter_window(window_size)
     if dropout_p > 0 and rng_state is None:
         rng_state = new_rng_state(q.device)
-    out, lse = varlen_attention(
+    result, lse = varlen_attention(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
         softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
@@ -262,14 +275,48 @@ def flash_attn_varlen_func(
         backend=backend,
     )
     if return_attn_probs:
-        return out, lse, _attn_probs(
+        probs = _attn_probs(
             q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
             cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
             q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
         )
-    return (out, lse) if return_lse else out
+    if out is not None:
+        result = _write_out(out, result)
+    if return_attn_probs:
+        return result, lse, probs
+    return (result, lse) if return_lse else result
+
+
+def _aiter_softcap(softcap, logits_soft_cap):
+    """AITER's logits_soft_cap is softcap under another name."""
+    if logits_soft_cap is None:
+        return softcap
+    if softcap and float(softcap) != float(logits_soft_cap):
+        raise ValueError(f"softcap ({softcap}) and logits_soft_cap ({logits_soft_cap}) are the same "
+                         "option (logits_soft_cap is AITER's name): give one, or equal values")
+    return logits_soft_cap
+
+
+def _aiter_window(window_size):
+    """AITER's (left, right, sink_tokens) -> (left, right); only 0 sink tokens are supported."""
+    if len(window_size) == 3:
+        if int(window_size[2]) != 0:
+            raise NotImplementedError(
+                f"window_size={tuple(window_size)!r}: sink tokens (AITER's third window_size entry, "
+                "the first keys every query sees besides its window) are not supported; the third "
+                "entry must be 0. Learnable sink logits are supported: sink= (or sink_ptr=)")
+        return tuple(window_size[:2])
+    return window_size
+
+
+def _write_out(out, result):
+    """Copy result into the caller's out (same shape, dtype and device) and return out."""
+    if out.shape != result.shape or out.dtype != result.dtype or out.device != result.device:
+        raise ValueError(f"out must be {result.dtype} of shape {tuple(result.shape)} on {result.device}, "
+                         f"got {out.dtype} of shape {tuple(out.shape)} on {out.device}")
+    return out.copy_(result)
 
 
 def _attn_probs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, **kwargs):
