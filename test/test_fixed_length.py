@@ -86,6 +86,19 @@ def test_packed_variants_are_views_and_match(device, monkeypatch):
         torch.testing.assert_close(g, r)
 
 
+def test_extra_keywords_reach_the_varlen_op():
+    """Options beyond flash-attn's (here sink and alibi) pass through; the lse is a view."""
+    torch.manual_seed(2)
+    q, k, v = (_randn(2, 4, 2, 8, device="cpu") for _ in range(3))
+    sink = torch.randn(2, dtype=torch.float64)
+    slopes = torch.rand(2, 2, dtype=torch.float32)
+    out, lse, _ = torch_varlen.flash_attn_func(q, k, v, alibi_slopes=slopes, return_attn_probs=True,
+                                               sink=sink)
+    ref, ref_lse = _reference(q, k, v, alibi_slopes=slopes, sink=sink)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(lse, ref_lse)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_bad_shapes_raise(device):
     q = _randn(2, 4, 2, 8, device=device)

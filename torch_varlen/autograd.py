@@ -74,7 +74,7 @@ _ATTN_SCHEMA = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
     "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q_padded",
     "cu_seqlens_k_padded", "dropout_p", "rng_state", "deterministic", "q_descale", "k_descale",
-    "v_descale", "backend",
+    "v_descale", "backend", "sink",
 )
 
 
@@ -82,26 +82,48 @@ def _setup_attention(ctx, inputs, output):
     args = dict(zip(_ATTN_SCHEMA, inputs))
     out, lse = output
     ctx.save_for_backward(
-        *(args[n] for n in _ATTN_TENSORS), out, lse, *(args[n] for n in _ATTN_OPTIONAL_TENSORS)
+        *(args[n] for n in _ATTN_TENSORS), out, lse, *(args[n] for n in _ATTN_OPTIONAL_TENSORS),
+        args.get("sink"),
     )
     # The descales are not kept: FP8 attention has no backward (fp8 tensors may require grad,
     # so the backward below raises instead of handing fp8 q, k, v to attention_backward).
     ctx.fp8 = args["q"].dtype == FP8
     ctx.values = {n: v for n, v in args.items()
-                  if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS + _ATTN_DESCALES}
+                  if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS + _ATTN_DESCALES + ("sink",)}
+    ctx.values.setdefault("backend", None)  # the dispatcher drops trailing default arguments
 
 
 def _backward_attention(ctx, grad_out, grad_lse):
     if ctx.fp8:
         raise RuntimeError(FP8_BACKWARD_ERROR)
-    q, k, v, cu_q, cu_k, out, lse, alibi, cu_q_pad, cu_k_pad, rng_state = ctx.saved_tensors
+    q, k, v, cu_q, cu_k, out, lse, alibi, cu_q_pad, cu_k_pad, rng_state, sink = ctx.saved_tensors
     a = ctx.values
+    # With a sink, lse includes it, and that is all the backward kernels need (see _C/ops.cpp).
     dq, dk, dv = _ops.attention_backward(
         grad_out, q, k, v, out, lse, cu_q, cu_k, a["max_seqlen_q"], a["max_seqlen_k"],
         a["softmax_scale"], a["window_left"], a["window_right"], a["softcap"], alibi, cu_q_pad,
         cu_k_pad, a["dropout_p"], rng_state, a["deterministic"], grad_lse, a["backend"],
     )
-    return (dq, dk, dv) + (None,) * (len(_ATTN_SCHEMA) - 3)
+    needs = tuple(ctx.needs_input_grad)
+    want_sink = len(needs) == len(_ATTN_SCHEMA) and needs[-1]
+    dsink = sink_grad(sink, out, lse, grad_out, grad_lse) if want_sink else None
+    return (dq, dk, dv) + (None,) * (len(_ATTN_SCHEMA) - 4) + (dsink,)
+
+
+def sink_grad(sink, out, lse, grad_out, grad_lse=None):
+    """The gradient of attention's sink logits (H,): ``dsink_h = sum_i exp(sink_h - lse_i) *
+    (dlse_i - D_i)`` with ``D_i = rowsum(dO_i * O_i)`` (DESIGN.md "Sinks"), since
+    d out_i / d sink_h = -p_sink * out_i and d lse_i / d sink_h = p_sink = exp(sink_h - lse_i).
+    Rows with lse -inf (outside every sequence, or no key and a -inf sink) add 0. Plain torch
+    ops: differentiable (double backward) and traceable (no host sync); one read of out and
+    grad_out, the same as the kernels' delta pass."""
+    acc = lse.dtype
+    d = (grad_out.to(acc) * out.to(acc)).sum(-1).transpose(0, 1)  # (H, Nq)
+    if grad_lse is not None:
+        d = d - grad_lse.to(acc)
+    # where before exp: the masked rows' exp(+inf) never exists, so no 0 * inf in any backward
+    log_w = torch.where(lse == float("-inf"), float("-inf"), sink.to(acc)[:, None] - lse)
+    return -(torch.exp(log_w) * d).sum(1).to(sink.dtype)
 
 
 torch.library.register_autograd(

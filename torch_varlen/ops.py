@@ -183,7 +183,7 @@ def varlen_attention(
     window_size: Sequence[int] = (-1, -1), softcap: float = 0, alibi_slopes=None,
     dropout_p: float = 0, rng_state: Optional[torch.Tensor] = None,
     cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
-    q_descale=None, k_descale=None, v_descale=None, backend: Optional[str] = None,
+    q_descale=None, k_descale=None, v_descale=None, backend: Optional[str] = None, sink=None,
 ):
     """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
 
@@ -219,6 +219,16 @@ def varlen_attention(
     ``softmax_scale`` as usual); out is bfloat16, lse float32. Causal/window, softcap, ALiBi,
     GQA and padded ``cu_seqlens`` work; dropout does not (error). Forward only: a backward
     through an FP8 forward raises.
+
+    Learnable sinks (gpt-oss's ``s_aux``, FA4's ``learnable_sink``, AITER's ``sink_ptr``):
+    ``sink`` (H,) float32 (float64 for float64 inputs) on q's device is one logit per query
+    head that joins every row's softmax denominator, as a key with no value::
+
+        p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij)),   lse_i = log(exp(sink_h) + sum_j exp(s_ij))
+
+    (after softcap and ALiBi, which do not touch the sink). A row that sees no key gives out 0
+    and lse ``sink_h``; rows outside every sequence keep 0 / -inf. ``sink`` is differentiable:
+    ``dsink_h = sum_i exp(sink_h - lse_i) * (dlse_i - rowsum(dO_i * O_i))``.
     """
     window_left, window_right = _window(causal, window_size)
     if softmax_scale is None:
@@ -230,7 +240,7 @@ def varlen_attention(
         window_left, window_right, float(softcap), alibi_slopes, cu_seqlens_q_padded,
         cu_seqlens_k_padded, float(dropout_p), rng_state if dropout_p > 0 else None, deterministic,
         q_descale, k_descale, v_descale,
-        backend=backend if backend is not None else _default_backend,
+        backend=backend if backend is not None else _default_backend, sink=sink,
     )
 
 
@@ -239,8 +249,8 @@ def flash_attn_varlen_func(
     softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0, alibi_slopes=None,
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
     cu_seqlens_k_padded=None, *, rng_state=None, q_descale=None, k_descale=None, v_descale=None,
-    backend=None, logits_soft_cap=None, min_seqlen_q=None, out=None, block_table=None,
-    seqused_k=None,
+    backend=None, sink=None, logits_soft_cap=None, min_seqlen_q=None, out=None, block_table=None,
+    seqused_k=None, sink_ptr=None,
 ):
     """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
 
@@ -257,13 +267,18 @@ def flash_attn_varlen_func(
     (N_q, H, Dv) in out's dtype on q's device receives the output (copied in) and is returned
     in its place; ``window_size`` may have a third entry, AITER's count of sink tokens (the
     first keys every query sees besides its window), which must be 0 (only 0 is supported).
-    ``block_table`` / ``seqused_k`` (paged KV) must be None for now.
+    ``block_table`` / ``seqused_k`` (paged KV) must be None for now. ``sink_ptr`` is AITER's
+    name of ``sink``, the learnable sink logits (H,) (see ``varlen_attention``).
     """
     if block_table is not None or seqused_k is not None:
         raise NotImplementedError("paged KV (block_table) is not supported yet: block_table and "
                                   "seqused_k must be None")
     softcap = _aiter_softcap(softcap, logits_soft_cap)
     window_size = _aiter_window(window_size)
+    if sink_ptr is not None:
+        if sink is not None and sink is not sink_ptr:
+            raise ValueError("sink and sink_ptr are the same option (sink_ptr is AITER's name): give one")
+        sink = sink_ptr
     if dropout_p > 0 and rng_state is None:
         rng_state = new_rng_state(q.device)
     result, lse = varlen_attention(
@@ -272,7 +287,7 @@ def flash_attn_varlen_func(
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
         cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
         deterministic=deterministic, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        backend=backend,
+        backend=backend, sink=sink,
     )
     if return_attn_probs:
         probs = _attn_probs(
@@ -280,7 +295,7 @@ def flash_attn_varlen_func(
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
             alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
             cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
-            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, sink=sink,
         )
     if out is not None:
         result = _write_out(out, result)

@@ -145,6 +145,7 @@ def attention(
     q_descale=None,
     k_descale=None,
     v_descale=None,
+    sink=None,
 ):
     """Varlen attention, one sequence at a time -> (out, softmax_lse, probs).
 
@@ -157,6 +158,11 @@ def attention(
     rest runs in float64 (out, lse and probs float64, for comparison with the op's bfloat16
     out). Each descale is None (1), a (1,) per-tensor factor or a (batch, Hk) factor per
     sequence and kv head; a q_descale entry applies to the query heads of that kv head's group.
+
+    sink (H,): a learnable logit per query head that joins every row's softmax as one more
+    score with no value: ``lse = logsumexp(scores of the row, sink_h)``, ``p = exp(s - lse)``
+    (probs exclude the sink; its weight is ``exp(sink_h - lse)``). A row that sees no key has
+    out 0 and lse sink_h. Differentiable in sink.
     """
     fp8 = q.dtype == torch.float8_e4m3fn
     if not fp8 and any(d is not None for d in (q_descale, k_descale, v_descale)):
@@ -204,7 +210,14 @@ def attention(
         if right >= 0:
             visible &= j <= diag + right
         s = s.masked_fill(~visible, -math.inf)
-        row_lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
+        if sink is not None:  # one more column, the sink logit, in every row's denominator
+            sink_col = sink.to(s.dtype)[:, None, None].expand(nheads, lq, 1)
+            logits = torch.cat([s, sink_col], -1)
+            dead = (logits == -math.inf).all(-1, keepdim=True)  # no key and a -inf sink
+            # masked before logsumexp, so its backward never forms exp(-inf - -inf) = nan
+            row_lse = torch.logsumexp(logits.masked_fill(dead, 0), dim=-1).masked_fill(dead[..., 0], -math.inf)
+        else:
+            row_lse = torch.logsumexp(s, dim=-1)  # -inf for rows that see nothing
         p = torch.exp(s - row_lse[..., None].masked_fill(row_lse[..., None] == -math.inf, 0))
         p = p.masked_fill(~visible, 0)
         if dropout_p > 0:

@@ -47,6 +47,12 @@ TORCH_LIBRARY(varlen, m) {
   // out in bfloat16, lse float32. No dropout; forward only (the backward rejects FP8).
   // backend: None = automatic (torch_varlen.attention_backend), "torch_varlen" = our kernels,
   // "fa4" = FlashAttention-4 on CUDA (kernels/fa4.py); the forward's choice goes to the backward.
+  // sink (nheads,) in softmax_lse's dtype: a learnable logit per query head that joins every
+  // row's softmax denominator (gpt-oss's s_aux): p_ij = exp(s_ij) / (exp(sink_h) + sum_j
+  // exp(s_ij)), lse includes it; a row that sees no key gives out 0 and lse = sink_h. The
+  // backward needs nothing more than that lse: attention_backward's dS = P * (dP - (D - dlse))
+  // holds unchanged, and the autograd formula adds
+  // dsink_h = sum_i exp(sink_h - lse_i) * (dlse_i - D_i) (torch_varlen/autograd.py).
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
@@ -54,7 +60,8 @@ TORCH_LIBRARY(varlen, m) {
       "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
       "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
       "bool deterministic=False, Tensor? q_descale=None, Tensor? k_descale=None, "
-      "Tensor? v_descale=None, str? backend=None) -> (Tensor out, Tensor softmax_lse)");
+      "Tensor? v_descale=None, str? backend=None, Tensor? sink=None) -> (Tensor out, "
+      "Tensor softmax_lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor softmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "

@@ -30,7 +30,7 @@ encoder's ``forward`` on that instance only, uses the layer's own modules and we
     remove_unpadding(model)
 
 Not supported (a clear error, never a silent fallback): attention weights
-(``output_attentions``), attention sinks (``s_aux``), custom mask functions
+(``output_attentions``), custom mask functions
 (``or_mask_function`` / ``and_mask_function``) and 4-D masks; the unpadded encoder also
 refuses decoders, cross-attention, caches and ``head_mask``. Tested with transformers 5.17
 and 5.24.
@@ -141,13 +141,12 @@ def varlen_attention_forward(
     Returns ``(attn_output (B, Sq, H, Dv), None)``. ``attention_mask`` is the 2-D (B, Sk)
     padding mask that ``varlen_attention_mask`` passes through, or None. Causality comes from
     ``is_causal`` or ``module.is_causal``; ``sliding_window`` w lets a query see the w keys
-    up to and including itself, as in transformers' masks.
+    up to and including itself, as in transformers' masks. ``s_aux`` (H,) (gpt-oss's learnable
+    sinks) becomes ``sink`` (cast to float32, differentiably).
     """
     if kwargs.get("output_attentions"):
         raise ValueError("varlen attention never forms the attention weights: output_attentions=True "
                          "needs attn_implementation='eager'")
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("varlen attention does not support attention sinks (s_aux)")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(
             f"varlen attention takes a 2-D (batch, kv_length) padding mask, got shape {tuple(attention_mask.shape)}: "
@@ -159,6 +158,8 @@ def varlen_attention_forward(
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, sliding_window - 1)
     options = dict(softmax_scale=scaling, causal=causal, window_size=window, softcap=softcap or 0.0,
                    dropout_p=dropout)
+    if kwargs.get("s_aux") is not None:  # gpt-oss's per-head sink logits, in the lse's dtype
+        options["sink"] = kwargs["s_aux"].to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     if attention_mask is not None:
         return _attend_padded(q, k, v, attention_mask, options), None
     cu_q, cu_k, max_q, max_k = _packed_boundaries(batch, q_len, k.shape[1], q.device, kwargs)

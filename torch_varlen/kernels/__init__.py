@@ -28,17 +28,17 @@ def _attention_forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                             alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                             dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                            k_descale=None, v_descale=None, backend=None):
+                            k_descale=None, v_descale=None, backend=None, sink=None):
     if fa4.select(backend, q, k, v, alibi_slopes=alibi_slopes,
                   cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
                   dropout_p=dropout_p, q_descale=q_descale, k_descale=k_descale,
                   v_descale=v_descale):
         return fa4.forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left,
-                           window_right, softcap)
+                           window_right, softcap, sink)
     return _attention().attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
         window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
-        dropout_p, rng_state, deterministic, q_descale, k_descale, v_descale, backend)
+        dropout_p, rng_state, deterministic, q_descale, k_descale, v_descale, backend, sink)
 
 
 def _attention_backward_cuda(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,

@@ -46,7 +46,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, lse_dtype, out_dtype
-from ..meta.attention import check_attention_backward_args
+from ..meta.attention import check_attention_backward_args, check_sink
 from .checks import check_cu_seqlens
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -337,7 +337,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
 @triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
 def _attention_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG, K_DESC, V_DESC,
-    Q_DESCALE, K_DESCALE, V_DESCALE,
+    Q_DESCALE, K_DESCALE, V_DESCALE, SINK,
     softmax_scale: tl.float64, softcap: tl.float64, window_left, window_right,
     dropout_scale: tl.float64, threshold, total_q, total_k, batch, group,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
@@ -349,7 +349,7 @@ def _attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
-    ZERO_TAIL: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, HAS_SINK: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (query tile, query head) per program.
@@ -362,7 +362,8 @@ def _attention_fwd_kernel(
     (total_k, nheads_k * headdim); REVERSE: a sequence's last query tile runs first (with a
     causal window it has the most keys); P_SCALE, PV_WIDE, POSITIVE_SCALE: see
     _attention_fwd_inner (with descales the kernel makes the latter hold by flipping q's sign);
-    ZERO_TAIL: zero the rows after the last sequence (no cu_seqlens_q_padded); DOT_PRECISION:
+    ZERO_TAIL: zero the rows after the last sequence (no cu_seqlens_q_padded); HAS_SINK: SINK
+    (nheads,) holds learnable sink logits that join each row's denominator; DOT_PRECISION:
     tl.dot input_precision; ACC: compute dtype of accumulators, softmax statistics, scores and
     the float scalars (float64 for float64 inputs, else float32).
     """
@@ -441,6 +442,17 @@ def _attention_fwd_kernel(
         stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
         HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
 
+    if HAS_SINK:
+        # The sink joins the denominator as one more score (log2 units), with no value:
+        # l = l * 2^(m - mx) + 2^(sink - mx), acc rescaled alike. A row that saw no key
+        # (m = -inf) gets l = 1 at mx = sink: out 0, lse sink. A -inf sink changes nothing.
+        sink_log2 = tl.load(SINK + h).to(ACC) * 1.4426950408889634
+        m_fin = tl.maximum(m_i, sink_log2)
+        m_fin_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
+        o_scale = _exp2(m_i - m_fin_safe)
+        l_i = l_i * o_scale + _exp2(sink_log2 - m_fin_safe)
+        acc = acc * o_scale[:, None]
+        m_i = m_fin
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     if HAS_DROPOUT:
@@ -994,14 +1006,17 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                       alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                       dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                      k_descale=None, v_descale=None, backend=None, config=None):
+                      k_descale=None, v_descale=None, backend=None, sink=None, config=None):
     """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused.
 
-    ``config`` (tuner only) overrides the launch config (keys as _config returns).
+    ``config`` (tuner only) overrides the launch config (keys as _config returns). ``sink``:
+    learnable sink logits (nheads,), folded into the softmax in the kernel (the backward
+    kernels need only the lse that includes them).
     """
     c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state, q_descale, k_descale, v_descale)
+    check_sink(q, sink)
     # cu_seqlens values, as the CPU kernel checks them: device asserts, no host sync
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
                      q.shape[0], k.shape[0])
@@ -1035,12 +1050,14 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
         with _device(q):
             _attention_fwd_kernel[grid](
                 q, k, v, out, lse, *c.seq, c.alibi, c.rng, *(descs or (k, v)), qd, kd, vd,
-                *c.values, *q.stride(), *k.stride(), *v.stride(), *out.stride(), lse.stride(0),
+                lse if sink is None else sink.contiguous(), *c.values, *q.stride(), *k.stride(),
+                *v.stride(), *out.stride(), lse.stride(0),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None,
                 P_SCALE=256.0 if fp8_pv else 1.0, PV_WIDE=fp8 and not fp8_pv,
                 POSITIVE_SCALE=softmax_scale >= 0,
-                REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, num_warps=cfg["warps"],
+                REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, HAS_SINK=sink is not None,
+                num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **flags)
     return out, lse
 

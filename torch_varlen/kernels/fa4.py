@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..meta.attention import check_attention_shapes
+from ..meta.attention import check_attention_shapes, check_sink
 
 log = logging.getLogger("torch_varlen")
 
@@ -199,9 +199,29 @@ def _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left, window_right, sof
     return (_fa4_interface(), cu_q, cu_k, *_window(window_left, window_right))
 
 
+def merge_sink(out, lse, sink, cu_seqlens_q):
+    """Fold sink logits (H,) into attention over the keys alone, exactly: with the keys' lse,
+    the sink-inclusive lse' = logaddexp(lse, sink_h) and out' = out * exp(lse - lse'), computed
+    in lse's dtype (float32 for FA4's inputs; out' is rounded to out's dtype once more). Rows past cu_seqlens_q[-1] (in no
+    sequence) keep out 0 and lse -inf; a row that sees no key gets out 0 and lse sink_h. Plain
+    torch ops on the device, no host sync."""
+    merged = torch.logaddexp(lse, sink.to(lse.dtype)[:, None])
+    rows = torch.arange(lse.shape[1], device=lse.device)
+    merged = torch.where(rows < cu_seqlens_q[-1], merged, lse)
+    scale = torch.where(merged == float("-inf"), 0.0, torch.exp(lse - merged))  # (H, total_q)
+    return (out.to(lse.dtype) * scale.transpose(0, 1)[:, :, None]).to(out.dtype), merged
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left=-1, window_right=-1,
-            softcap=0.0):
-    """FA4 forward -> (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32)."""
+            softcap=0.0, sink=None):
+    """FA4 forward -> (out (total_q, H, Dv) in q's dtype, lse (H, total_q) float32).
+
+    ``sink`` (H,) float32: FA4's ``learnable_sink`` takes bfloat16 logits (flash-attn-4
+    4.0.0b36; float32 would be rounded) and its backward gives no gradient for them, so FA4
+    runs over the keys alone and ``merge_sink`` folds the sink in exactly. The backward needs
+    no change: FA4's backward with the sink-inclusive lse and out gives dq, dk, dv, and
+    autograd.py's ``sink_grad`` gives dsink."""
+    check_sink(q, sink)
     fa4, cu_q, cu_k, left, right = _prepare(q, k, v, cu_seqlens_q, cu_seqlens_k, window_left,
                                             window_right, softcap)
     with torch.cuda.device(q.device):
@@ -211,7 +231,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left=-1, 
             causal=False, softcap=float(softcap), window_size_left=left,
             window_size_right=right, return_lse=True,
         )[:2]
-    return out, lse
+    return (out, lse) if sink is None else merge_sink(out, lse, sink, cu_seqlens_q)
 
 
 def backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, softmax_scale,

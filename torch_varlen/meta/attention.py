@@ -94,6 +94,18 @@ def check_descales(q, k, batch, dropout_p, q_descale, k_descale, v_descale):
         torch._check(d.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {d.device}")
 
 
+def check_sink(q, sink):
+    """sink: None, or (nheads,) in softmax_lse's dtype (float32; float64 for float64 inputs) on
+    q's device (the CPU kernel's check_sink, with its messages)."""
+    if sink is None:
+        return
+    torch._check(sink.dim() == 1 and sink.shape[0] == q.shape[1],
+                 lambda: f"sink must be (nheads,) = ({q.shape[1]},), got {tuple(sink.shape)}")
+    torch._check(sink.dtype == lse_dtype(q),
+                 lambda: f"sink must be {lse_dtype(q)} (softmax_lse's dtype), got {sink.dtype}")
+    torch._check(sink.device == q.device, lambda: f"sink must be on q's device {q.device}, got {sink.device}")
+
+
 def _check_like(name, t, shape, dtype, q):
     """t has this shape, dtype and q's device (the CPU kernel's check_like)."""
     shape = tuple(shape)
@@ -124,10 +136,11 @@ def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                             alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                             dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                            k_descale=None, v_descale=None, backend=None):
+                            k_descale=None, v_descale=None, backend=None, sink=None):
     check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
                            cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state,
                            q_descale, k_descale, v_descale)
+    check_sink(q, sink)
     total_q, nheads, _ = q.shape
     out = q.new_empty((total_q, nheads, v.shape[2]), dtype=out_dtype(q))
     lse = q.new_empty((nheads, total_q), dtype=lse_dtype(q))

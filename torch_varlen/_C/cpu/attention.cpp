@@ -443,6 +443,17 @@ Tensor dequantize(const Tensor& t, const OptTensor& descale, const SeqLayout& la
   return x * rows.repeat_interleave(t.size(1) / nheads_k, 1).unsqueeze(-1);
 }
 
+// sink, as meta/attention.py::check_sink: (nheads,) in softmax_lse's dtype on q's device.
+void check_sink(const Tensor& q, const OptTensor& sink) {
+  if (!sink) return;
+  TORCH_CHECK(sink->dim() == 1 && sink->size(0) == q.size(1), "sink must be (nheads,) = (", q.size(1),
+              ",), got ", py_tuple(sink->sizes()));
+  TORCH_CHECK(sink->scalar_type() == lse_dtype(q), "sink must be ", py_dtype(lse_dtype(q)),
+              " (softmax_lse's dtype), got ", py_dtype(sink->scalar_type()));
+  TORCH_CHECK(sink->device() == q.device(), "sink must be on q's device ", q.device(), ", got ",
+              sink->device());
+}
+
 // The CPU runs our kernels only: None, "auto" and "torch_varlen" select them.
 void check_backend(const std::optional<c10::string_view>& backend) {
   TORCH_CHECK(!backend || *backend == "auto" || *backend == "torch_varlen",
@@ -457,12 +468,13 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
     const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
     bool /*deterministic*/, const OptTensor& q_descale, const OptTensor& k_descale,
-    const OptTensor& v_descale, std::optional<c10::string_view> backend) {
+    const OptTensor& v_descale, std::optional<c10::string_view> backend, const OptTensor& sink_in) {
   check_backend(backend);
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
   check_descales(q_in, k_in, cu_seqlens_q.size(0) - 1, dropout_p, q_descale, k_descale, v_descale);
+  check_sink(q_in, sink_in);
   if (q_in.scalar_type() == at::kFloat8_e4m3fn) {
     // FP8: dequantize to float32, run the float32 kernel, return out in bfloat16 (lse float32).
     const int64_t hk = k_in.size(1);
@@ -470,7 +482,7 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
         dequantize(pr.q, q_descale, pr.lq, hk), dequantize(pr.k, k_descale, pr.lk, hk),
         dequantize(pr.v, v_descale, pr.lk, hk), cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale,
         window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
-        dropout_p, rng_state, false, std::nullopt, std::nullopt, std::nullopt, backend);
+        dropout_p, rng_state, false, std::nullopt, std::nullopt, std::nullopt, backend, sink_in);
     return {out.to(at::kBFloat16), lse};
   }
   const Tensor &q = pr.q, &k = pr.k, &v = pr.v;
@@ -486,12 +498,14 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     lse.narrow(1, a, b - a).fill_(-std::numeric_limits<double>::infinity());
   }
   const std::vector<Block> blocks = make_blocks(pr.lq.cu, H, kBlockM);
+  const Tensor sink = sink_in ? sink_in->contiguous() : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "varlen_attention_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto p = make_params<scalar_t, acc_t>(q, k, v, pr.lq, pr.lk, softmax_scale, window_left,
                                           window_right, softcap, pr.alibi, dropout_p, rng_state);
     p.out = out.data_ptr<scalar_t>();
     p.lse = lse.data_ptr<acc_t>();
+    p.sink = sink.defined() ? sink.data_ptr<acc_t>() : nullptr;
     const auto ks = kernels<scalar_t, acc_t>();
     p.amx_bf16 = ks.amx_bf16 && q.scalar_type() == at::kBFloat16;
     run_items<acc_t>(int64_t(blocks.size()), forward_scratch(p.headdim, p.headdim_v),

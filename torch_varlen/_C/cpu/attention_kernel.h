@@ -77,6 +77,9 @@ struct Params {
   uint32_t dropout_threshold;
   acc_t dropout_scale;     // 1 / (1 - p)
   bool amx_bf16;           // bfloat16 forward on AMX tiles (only in the VARLEN_AMX build)
+  const acc_t* sink;       // nullptr, or (nheads,) contiguous: one learnable logit per head
+                           // in every row's softmax denominator (forward only: the backward
+                           // reads it through the saved lse)
 
   // forward outputs: out (total_q, H, Dv) contiguous, lse (H, total_q) contiguous
   scalar_t* out;
@@ -670,9 +673,18 @@ void forward_items(const Params<scalar_t, acc_t>& p, const Block* blocks, int64_
     const int64_t o_r = amx ? 1 : Dvp, o_c = amx ? BM : 1;
     for (int64_t r = 0; r < rows; ++r) {
       const bool seen = lrow[r] > 0;
-      const acc_t inv_l = seen ? acc_t(1) / lrow[r] : acc_t(0);
+      acc_t m = seen ? mrow[r] : ninf, l = seen ? lrow[r] : acc_t(0), o_scale = 1;
+      if (p.sink) {  // the sink joins the denominator: l = exp(m - mx) * l + exp(sink - mx)
+        const acc_t sink = p.sink[h], mx = std::max(m, sink);
+        if (mx != ninf) {
+          o_scale = std::exp(m - mx);  // 0 for a row that saw no key
+          l = l * o_scale + std::exp(sink - mx);
+          m = mx;
+        }
+      }
+      const acc_t inv_l = seen ? o_scale / l : acc_t(0);
       for (int64_t c = 0; c < Dv; ++c) out[r * H * Dv + c] = static_cast<scalar_t>(O[r * o_r + c * o_c] * inv_l);
-      lse[r] = seen ? mrow[r] + std::log(lrow[r]) : ninf;
+      lse[r] = l > 0 ? m + std::log(l) : ninf;
     }
   }
 #ifdef VARLEN_AMX
