@@ -257,6 +257,37 @@ def test_sinks_compile_fullgraph_no_recompile():
     assert counter.frame_count == 1
 
 
+def _check_fp8(run_forward):
+    """FP8 forward (float8_e4m3fn q, k, v, per-head descales) with a sink, against the
+    reference's float64 dequantized attention with the same sink."""
+    torch.manual_seed(5)
+    s = make_attention_sample([9, 0, 17], [12, 3, 17], 4, 2, 32, 32, "cpu", torch.float32, causal=True)
+    q, k, v = (x.to(torch.float8_e4m3fn) for x in (s.q, s.k, s.v))
+    descale = torch.rand(3, 2) * 0.5 + 0.5
+    sink = _sink(4, torch.float32)
+    out, lse = run_forward(q, k, v, s, descale, sink)
+    ref, ref_lse, _ = reference.attention(q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, causal=True, sink=sink,
+                                          q_descale=descale, k_descale=descale, v_descale=descale)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-2)
+    torch.testing.assert_close(_finite(lse).double(), _finite(ref_lse).double(), rtol=0, atol=1e-4)
+
+
+def test_sinks_fp8_forward_cpu():
+    _check_fp8(lambda q, k, v, s, d, sink: torch_varlen.varlen_attention(
+        q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, 17, 17, causal=True, q_descale=d, k_descale=d,
+        v_descale=d, sink=sink))
+
+
+@interp_only
+def test_interp_sinks_fp8_forward():
+    from torch_varlen.kernels import attention as triton_attention
+
+    _check_fp8(lambda q, k, v, s, d, sink: triton_attention.attention_forward(
+        q, k, v, s.cu_seqlens_q, s.cu_seqlens_k, 17, 17, 32 ** -0.5, -1, 0, q_descale=d, k_descale=d,
+        v_descale=d, sink=sink))
+
+
 # ---------------------------------------------------------------- FA4: the exact merge, on the CPU
 
 
