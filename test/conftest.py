@@ -57,7 +57,17 @@ def pytest_configure_node(node):
     node.workerinput["varlen_shard"] = node.config._varlen_shard
 
 
+# Tests known to take tens of seconds to minutes (child processes, compiles, hypothesis runs).
+# Under pytest-xdist (make test-gpu) they are started first, so that the run's wall time is not
+# one long test started last; every worker sorts the same way, as xdist requires.
+_SLOW = ("test_gpu_fuzz", "sanitizer", "aoti", "subprocess", "device_assert", "test_gpu_wide",
+         "compile", "gradcheck", "test_transformers", "test_distributed", "test_packed_encoder",
+         "test_generation", "test_kvcache", "test_paged_kv")
+
+
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda it: not any(word in it.nodeid for word in _SLOW))
     shard = _shard(config)
     if shard is None:
         return
