@@ -401,8 +401,19 @@ class Packed(torch.nn.Module):
 
 def _jobs(world_size, device):
     attn = [f"attention/{n}" for n in ATTN_CASES]
-    extra = {2: ["ddp", "fsdp2"], 4: ["cp_2d_mesh"]}.get(world_size, [])
+    extra = {2: ["mismatched_plan", "ddp", "fsdp2"], 4: ["cp_2d_mesh"]}.get(world_size, [])
     return {"all": attn + extra, "attention": attn, "hang": ["hang"]}
+
+
+def _case_mismatched_plan(name, rank, world_size, device):
+    plan = ContextParallelPlan(torch.tensor([0, 6]), world_size + 1)
+    q = torch.randn(plan.num_local_tokens(rank), 2, 4)
+    try:
+        context_parallel_attention(q, q, q, plan)
+    except ValueError as e:
+        assert f"plan was made for world_size={world_size + 1}, but the group has {world_size} ranks" in str(e)
+    else:
+        raise AssertionError("no error for a plan of another world size")
 
 
 def _case_hang(name, rank, world_size, device):
@@ -412,7 +423,7 @@ def _case_hang(name, rank, world_size, device):
 
 
 _CASES = {"attention": _case_attention, "ddp": _case_ddp, "fsdp2": _case_fsdp2,
-          "cp_2d_mesh": _case_cp_2d_mesh, "hang": _case_hang}
+          "cp_2d_mesh": _case_cp_2d_mesh, "mismatched_plan": _case_mismatched_plan, "hang": _case_hang}
 
 
 # ---------------------------------------------------------------- multi-process tests
@@ -426,6 +437,10 @@ def test_attention_matches_single_process(world_size, case):
 
 def test_ddp_matches_single_process():
     check_case(2, "ddp")
+
+
+def test_plan_of_another_world_size_raises():
+    check_case(2, "mismatched_plan")
 
 
 def test_fsdp2_matches_single_process():
@@ -448,3 +463,231 @@ def test_attention_world_size_1_cuda():
     results = spawn(1, "attention", backend="nccl", device="cuda")
     failed = {k: v for k, v in results.items() if v}
     assert not failed and len(results) == len(ATTN_CASES), failed or results
+
+
+# ---------------------------------------------------------------- merge_attention_partials
+
+
+def _split_keys(lengths_k, parts, generator):
+    """Cut each sequence's keys into ``parts`` contiguous parts (some empty): per part, the rows
+    of the packed keys it takes and its cu_seqlens."""
+    cu = [0]
+    for n in lengths_k:
+        cu.append(cu[-1] + n)
+    rows, cus = [[] for _ in range(parts)], [[0] for _ in range(parts)]
+    for b, n in enumerate(lengths_k):
+        cuts = sorted(torch.randint(0, n + 1, (parts - 1,), generator=generator).tolist())
+        bounds = [0] + cuts + [n]
+        for p in range(parts):
+            rows[p] += list(range(cu[b] + bounds[p], cu[b] + bounds[p + 1]))
+            cus[p].append(cus[p][-1] + bounds[p + 1] - bounds[p])
+    return ([torch.tensor(r, dtype=torch.int64) for r in rows],
+            [torch.tensor(c, dtype=torch.int32) for c in cus])
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3])
+def test_merge_equals_one_shot_attention_over_all_keys(parts):
+    """Attention over each part of the keys, merged, is attention over all of them (float64),
+    out, lse and the gradients through both."""
+    g = torch.Generator().manual_seed(parts)
+    lengths_q, lengths_k = [3, 1, 5, 0, 4], [6, 1, 0, 2, 9]
+    rnd = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = rnd(13, 4, 8).requires_grad_(), rnd(18, 2, 8).requires_grad_(), rnd(18, 2, 5).requires_grad_()
+    cu_q, cu_k = cu_seqlens(lengths_q, "cpu"), cu_seqlens(lengths_k, "cpu")
+    go, gl = rnd(13, 4, 5), rnd(4, 13)
+    rows, cus = _split_keys(lengths_k, parts, g)
+    outs, lses = [], []
+    for r, c in zip(rows, cus):
+        o, l = torch_varlen.varlen_attention(q, k[r], v[r], cu_q, c, 5, 9, softcap=2.0)
+        outs.append(o)
+        lses.append(l)
+    out, lse = merge_attention_partials(outs, lses)
+    ref_out, ref_lse = torch_varlen.varlen_attention(q, k, v, cu_q, cu_k, 5, 9, softcap=2.0)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)  # -inf rows (seq 3 sees no key)
+    fin = torch.isfinite(ref_lse)
+    loss = lambda o, l: (o * go).sum() + (torch.where(fin, l, 0) * gl).sum()  # noqa: E731
+    grads = torch.autograd.grad(loss(out, lse), (q, k, v))
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_lse), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_merge_rows_seeing_nothing_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    outs = [torch.randn(5, 2, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    lses = [torch.randn(2, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    for s in range(3):  # column 0 sees nothing anywhere, column 1 only in part 2
+        lses[s][:, 0] = float("-inf")
+        outs[s][0] = 0
+        if s != 2:
+            lses[s][:, 1] = float("-inf")
+            outs[s][1] = 0
+    outs = [o.requires_grad_() for o in outs]
+    lses = [l.requires_grad_() for l in lses]
+    out, lse = merge_attention_partials(outs, lses)
+    assert torch.equal(out[0], torch.zeros(2, 3, dtype=torch.float64))
+    assert torch.isneginf(lse[:, 0]).all()
+    torch.testing.assert_close(out[1], outs[2][1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse[:, 1], lses[2][:, 1], rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(out.sum() + torch.where(torch.isfinite(lse), lse, 0).sum(), outs + lses)
+    assert all(torch.isfinite(gr).all() for gr in grads)  # no NaN from the -inf rows
+    finite = [l.detach()[:, 2:].clone().requires_grad_() for l in lses]
+    parts = [o.detach()[2:].clone().requires_grad_() for o in outs]
+    torch.autograd.gradcheck(lambda *t: merge_attention_partials(t[:3], t[3:]), parts + finite)
+
+
+def test_merge_dtypes_and_bad_inputs():
+    out = torch.randn(4, 2, 3).to(torch.bfloat16)
+    lse = torch.randn(2, 4)
+    merged, merged_lse = merge_attention_partials([out, out], [lse, lse])
+    assert merged.dtype == torch.bfloat16 and merged_lse.dtype == torch.float32
+    torch.testing.assert_close(merged_lse, lse + torch.log(torch.tensor(2.0)))
+    acc, _ = merge_attention_partials([out.float(), out], [lse, lse])
+    assert acc.dtype == torch.float32
+    with pytest.raises(ValueError, match="as many outs as lses"):
+        merge_attention_partials([out], [lse, lse])
+    with pytest.raises(ValueError, match="as many outs as lses"):
+        merge_attention_partials([], [])
+    with pytest.raises(ValueError, match=r"lses\[1\] must be \(H, N\)"):
+        merge_attention_partials([out, out], [lse, lse.t()])
+    with pytest.raises(ValueError, match=r"outs\[1\] must be \(N, H, Dv\)"):
+        merge_attention_partials([out, out[:3]], [lse, lse])
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def _random_lengths(seed, count=40, long=3000):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 300, (count,), generator=g).tolist()
+    lengths[count // 2] = long
+    return lengths + [0, 1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("mask", [dict(), dict(causal=True), dict(window_size=(64, 16))])
+@pytest.mark.parametrize("split_min_len", [None, 0, 100])
+def test_plan_indices_cover_every_row_once(world_size, mask, split_min_len):
+    lengths = _random_lengths(world_size)
+    cu = cu_seqlens(lengths, "cpu")
+    plan = ContextParallelPlan(cu, world_size, split_min_len=split_min_len, **mask)
+    idx = [plan.local_indices(r) for r in range(world_size)]
+    for r, i in enumerate(idx):
+        assert i.dtype == torch.int64 and (i[1:] > i[:-1]).all()  # in order
+        assert plan.num_local_tokens(r) == i.numel()
+        local_cu = plan.local_cu_seqlens(r)
+        assert local_cu.dtype == torch.int32 and local_cu.shape == cu.shape and int(local_cu[-1]) == i.numel()
+        seq = torch.searchsorted(cu.long(), i, right=True) - 1  # each row's sequence
+        assert torch.equal(torch.bincount(seq, minlength=len(lengths)), local_cu.diff().long())
+        assert torch.equal(plan.local_position_ids(r), i - cu.long()[seq])
+    assert torch.equal(torch.cat(idx).sort().values, torch.arange(sum(lengths)))
+    x = torch.randn(sum(lengths), 3)
+    assert torch.equal(plan.shard(x, world_size - 1), x[idx[-1]])
+
+
+def test_plan_zigzag_chunks_and_whole_sequences():
+    plan = ContextParallelPlan(torch.tensor([0, 40, 43]), 4, causal=True, split_min_len=8)
+    for r in range(4):  # the 40 in 8 chunks of 5: rank r holds chunks r and 7 - r
+        rows = plan.local_indices(r)
+        rows = rows[rows < 40].tolist()
+        assert rows == list(range(5 * r, 5 * r + 5)) + list(range(5 * (7 - r), 5 * (7 - r) + 5))
+    # the 3 is whole on one rank; zigzag chunk pairs have equal causal work, so it goes to rank 0
+    assert plan.local_indices(0)[-3:].tolist() == [40, 41, 42]
+    plan1 = ContextParallelPlan(torch.tensor([0, 40, 43]), 1, causal=True, split_min_len=0)
+    assert torch.equal(plan1.local_indices(0), torch.arange(43))  # one rank: nothing is split
+    assert len(plan1._block_calls(0, 0, "cpu")) == 1
+
+
+def test_plan_is_deterministic_and_balanced():
+    lengths = _random_lengths(7, count=60, long=8000)
+    for W in (2, 3, 4, 8):
+        a = ContextParallelPlan(cu_seqlens(lengths, "cpu"), W, causal=True)
+        b = ContextParallelPlan(cu_seqlens(lengths, "cpu").long(), W, causal=True)
+        for r in range(W):
+            assert torch.equal(a.local_indices(r), b.local_indices(r))
+        mean = sum(a.work) / W
+        assert max(a.work) <= 1.05 * mean, (W, a.work)  # causal work per rank within 5%
+        assert a._pairs(0, 1) == b._pairs(0, 1)
+
+
+# ---------------------------------------------------------------- one rank without a group, bad inputs
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_world_size_1_needs_no_process_group(device):
+    lengths = [3, 0, 9, 1]
+    cu = cu_seqlens(lengths, device)
+    q, k, v = (torch.randn(13, h, 8, dtype=torch.float64, device=device, requires_grad=True) for h in (4, 2, 2))
+    plan = ContextParallelPlan(cu, 1, causal=True, window_size=(3, -1))
+    out, lse = context_parallel_attention(q, k, v, plan, causal=True, window_size=(3, -1), return_lse=True)
+    ref, ref_lse = torch_varlen.varlen_attention(q, k, v, cu, cu, 9, 9, causal=True, window_size=(3, -1))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad((out * out).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * ref).sum(), (q, k, v))
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_plan_bad_inputs_raise():
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        ContextParallelPlan(cu, 0)
+    with pytest.raises(ValueError, match="world_size must be an int >= 1"):
+        ContextParallelPlan(cu, 2.0)
+    with pytest.raises(TypeError, match="cu_seqlens must be a tensor"):
+        ContextParallelPlan([0, 3, 5], 2)
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D int32 or int64"):
+        ContextParallelPlan(cu.float(), 2)
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D int32 or int64"):
+        ContextParallelPlan(cu[None], 2)
+    with pytest.raises(ValueError, match="cu_seqlens must start at 0"):
+        ContextParallelPlan(cu + 1, 2)
+    with pytest.raises(ValueError, match="cu_seqlens must be non-decreasing"):
+        ContextParallelPlan(torch.tensor([0, 5, 3]), 2)
+    with pytest.raises(ValueError, match="window_size entries must be >= -1"):
+        ContextParallelPlan(cu, 2, window_size=(-2, 0))
+    with pytest.raises(ValueError, match=r"window_size must be \(left, right\)"):
+        ContextParallelPlan(cu, 2, window_size=(1, 2, 3))
+    with pytest.raises(ValueError, match="split_min_len must be >= 0"):
+        ContextParallelPlan(cu, 2, split_min_len=-1)
+    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
+        ContextParallelPlan(cu, 2).local_indices(2)
+    with pytest.raises(ValueError, match="x must have the plan's 5 rows"):
+        ContextParallelPlan(cu, 2).shard(torch.zeros(4, 2), 0)
+
+
+def test_attention_bad_inputs_raise():
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    plan = ContextParallelPlan(cu, 1, causal=True)
+    q, k = torch.randn(5, 2, 8), torch.randn(5, 1, 8)
+    call = lambda **kw: context_parallel_attention(q, k, k, plan, **{"causal": True, **kw})  # noqa: E731
+    call()
+    for name, value in (("dropout_p", 0.1), ("alibi_slopes", torch.ones(2)), ("sink", torch.zeros(2)),
+                        ("cu_seqlens_q_padded", cu), ("cu_seqlens_k_padded", cu), ("q_descale", torch.ones(1)),
+                        ("rng_state", torch.zeros(2, dtype=torch.int64))):
+        with pytest.raises(NotImplementedError, match=f"does not support {name}"):
+            call(**{name: value})
+    call(dropout_p=0.0, alibi_slopes=None)  # the defaults are fine
+    with pytest.raises(TypeError, match="unexpected keyword argument 'dropout'"):
+        call(dropout=0.1)
+    with pytest.raises(ValueError, match="differ from the plan's causal=True"):
+        call(causal=False)
+    with pytest.raises(ValueError, match="differ from the plan's"):
+        call(window_size=(2, 0))
+    with pytest.raises(TypeError, match="plan must be a ContextParallelPlan"):
+        context_parallel_attention(q, k, k, cu, causal=True)
+    with pytest.raises(ValueError, match="q must hold rank 0's 5 rows of the plan"):
+        context_parallel_attention(q[:4], k, k, plan, causal=True)
+    with pytest.raises(ValueError, match="k must hold rank 0's 5 rows"):
+        context_parallel_attention(q, k[:4], k, plan, causal=True)
+    with pytest.raises(ValueError, match=r"q must be a \(n_local, heads, headdim\) tensor"):
+        context_parallel_attention(q[0], k, k, plan, causal=True)
+    with pytest.raises(NotImplementedError, match="does not support FP8"):
+        f8 = lambda t: t.to(torch.float8_e4m3fn)  # noqa: E731
+        context_parallel_attention(f8(q), f8(k), f8(k), plan, causal=True)
+    with pytest.raises(ValueError, match="softcap must be >= 0"):
+        call(softcap=-1.0)
+    with pytest.raises(ValueError, match="torch.distributed is not initialized and the plan is for 2 ranks"):
+        context_parallel_attention(q, k, k, ContextParallelPlan(cu, 2), causal=False)
