@@ -691,3 +691,22 @@ def test_attention_bad_inputs_raise():
         call(softcap=-1.0)
     with pytest.raises(ValueError, match="torch.distributed is not initialized and the plan is for 2 ranks"):
         context_parallel_attention(q, k, k, ContextParallelPlan(cu, 2), causal=False)
+
+
+def test_bench_context_parallel_smoke(tmp_path):
+    """benchmarks/bench_context_parallel.py --smoke runs on 2 CPU processes and writes its rows."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cp.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_context_parallel.py"), "--smoke",
+                           "--passes", "3", "--warmup", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["bench"] for r in rows} == {"context_parallel"}
+    assert {(r["impl"], r["pass"]) for r in rows} >= {("single", "fwd"), ("single", "fwd_bwd"), ("ring", "fwd"),
+                                                      ("ring", "fwd_bwd"), ("ring_compute", "fwd"), ("ring_comm", "fwd")}
+    assert {r["rank"] for r in rows} == {0, 1}
+    assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["passes"] == 3 for r in rows)
