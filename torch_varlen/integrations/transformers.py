@@ -29,6 +29,10 @@ encoder's ``forward`` on that instance only, uses the layer's own modules and we
     apply_unpadding(model)   # same outputs at real tokens; padded positions come back as 0
     remove_unpadding(model)
 
+``PackedEncoder(model)`` (``torch_varlen.integrations.packed_encoder``, also importable from
+here) computes mean-pooled sentence embeddings from the same packed layers, in fixed-shape
+token-budget steps that compile and capture as CUDA graphs.
+
 Not supported (a clear error, never a silent fallback): attention weights
 (``output_attentions``), custom mask functions
 (``or_mask_function`` / ``and_mask_function``) and 4-D masks; the unpadded encoder also
@@ -49,6 +53,7 @@ from .. import ops
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "PackedEncoder",
     "apply_unpadding",
     "cu_seqlens_from_position_ids",
     "remove_unpadding",
@@ -321,3 +326,13 @@ def remove_unpadding(model: torch.nn.Module) -> torch.nn.Module:
             else:
                 module.forward = saved
     return model
+
+
+def __getattr__(name):
+    # PackedEncoder lives in packed_encoder.py, which imports this module's helpers: imported
+    # on first use, so that either module can be imported first.
+    if name == "PackedEncoder":
+        from .packed_encoder import PackedEncoder
+
+        return PackedEncoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
