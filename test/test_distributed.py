@@ -702,7 +702,8 @@ def test_bench_context_parallel_smoke(tmp_path):
     out = tmp_path / "cp.json"
     proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_context_parallel.py"), "--smoke",
                            "--passes", "3", "--warmup", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120, cwd=root)
+                          capture_output=True, text=True, timeout=120, cwd=root,
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"context_parallel"}
