@@ -90,7 +90,9 @@ class PackedEncoder:
             is one compiled graph / one captured CUDA graph.
         normalize: L2-normalise the pooled embeddings (default True, as all-MiniLM-L6-v2).
         compile: run the step under ``torch.compile`` (default: True on the CPU, False on
-            CUDA). ``compile_options``: extra keyword arguments for ``torch.compile``.
+            CUDA). ``compile_options``: keyword arguments for ``torch.compile`` (default
+            ``fullgraph=True, dynamic=False``: one graph per bucket; ``dynamic=True`` compiles
+            one graph for all buckets, which is quicker to build).
         cuda_graph: capture each bucket's step as a CUDA graph (default: True on CUDA; an
             error on the CPU).
     """
@@ -124,7 +126,8 @@ class PackedEncoder:
         self.cuda_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
         if self.cuda_graph and not on_cuda:
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device (it is on {self.device})")
-        if self.compile and len(self.buckets) > torch._dynamo.config.recompile_limit:
+        if self.compile and not (compile_options or {}).get("dynamic") and \
+                len(self.buckets) > torch._dynamo.config.recompile_limit:
             raise ValueError(f"{len(self.buckets)} buckets exceed torch._dynamo.config.recompile_limit="
                              f"{torch._dynamo.config.recompile_limit} (one compiled graph per bucket)")
         embeddings = self.model.embeddings
@@ -139,8 +142,8 @@ class PackedEncoder:
             # a copy of _step's code gives this encoder its own cache (one graph per bucket),
             # so that several encoders in one process never share, and exhaust, one.
             step = types.FunctionType(PackedEncoder._step.__code__.replace(), globals(), "_step")
-            self._step_fn = torch.compile(types.MethodType(step, self), fullgraph=True, dynamic=False,
-                                          **(compile_options or {}))
+            options = {"fullgraph": True, "dynamic": False, **(compile_options or {})}
+            self._step_fn = torch.compile(types.MethodType(step, self), **options)
         self._graphs = {}  # bucket -> (CUDAGraph, static input, static output)
 
     # ------------------------------------------------------------ the step (device only)
