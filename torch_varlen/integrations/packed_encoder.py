@@ -43,6 +43,7 @@ model must be a BERT-family encoder with absolute positions (``BertModel``, ``Ro
 
 from __future__ import annotations
 
+import itertools
 import types
 from dataclasses import dataclass
 
@@ -223,28 +224,38 @@ class PackedEncoder:
 
     def plan(self, input_ids) -> Plan:
         """Pack ``input_ids`` (a list of token-id lists, or a list of 1-D tensors) and copy it to the device."""
-        seqs = [np.asarray(s.tolist() if isinstance(s, torch.Tensor) else s, dtype=np.int64) for s in input_ids]
-        for i, s in enumerate(seqs):
-            if s.ndim != 1:
-                raise ValueError(f"PackedEncoder: sentence {i} must be a 1-D list of token ids, got shape {s.shape}")
-        lengths = [len(s) for s in seqs]
+        seqs = [s.tolist() if isinstance(s, torch.Tensor) else s for s in input_ids]
+        lengths = [len(s) if hasattr(s, "__len__") else -1 for s in seqs]
+        try:  # all token ids in one array (one pass, no per-sentence arrays)
+            flat = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=sum(lengths))
+        except (TypeError, ValueError):
+            flat = None
+        if flat is None or min(lengths, default=0) < 0:
+            bad = next((i for i, s in enumerate(seqs) if np.asarray(s).ndim != 1), 0)
+            raise ValueError(f"PackedEncoder: sentence {bad} must be a 1-D list of token ids, "
+                             f"got shape {np.asarray(seqs[bad]).shape}")
         self._check_lengths(lengths)
+        lengths_np = np.asarray(lengths, dtype=np.int64)
+        starts_np = np.cumsum(lengths_np) - lengths_np
         S = self.max_sequences
         chunks, steps, rows, offset = [], [], np.empty(len(seqs), dtype=np.int64), 0
         for k, step in enumerate(self.pack(lengths)):
-            step_lengths = np.array([lengths[i] for i in step], dtype=np.int64)
-            total = int(step_lengths.sum())
+            step = np.asarray(step, dtype=np.int64)
+            step_lengths = lengths_np[step]
+            ends = np.cumsum(step_lengths)
+            total = int(ends[-1])
             bucket = next(b for b in self.buckets if b >= total)
-            buf = np.zeros(3 * bucket + S + 1, dtype=np.int64)
-            buf[:total] = np.concatenate([seqs[i] for i in step])
+            within = np.arange(total) - np.repeat(ends - step_lengths, step_lengths)  # position in its sentence
+            buf = np.empty(3 * bucket + S + 1, dtype=np.int64)
+            buf[:total] = flat[np.repeat(starts_np[step], step_lengths) + within]
             buf[total:bucket] = self.pad_token_id
-            starts = np.repeat(np.cumsum(step_lengths) - step_lengths, step_lengths)
-            buf[bucket : bucket + total] = np.arange(total) - starts + self.position_offset
+            buf[bucket : bucket + total] = within + self.position_offset
             buf[bucket + total : 2 * bucket] = self.position_offset
             buf[2 * bucket : 2 * bucket + total] = np.repeat(np.arange(len(step)), step_lengths)
             buf[2 * bucket + total : 3 * bucket] = S
             cu = buf[3 * bucket :]
-            cu[1 : len(step) + 1] = np.cumsum(step_lengths)
+            cu[0] = 0
+            cu[1 : len(step) + 1] = ends
             cu[len(step) + 1 :] = total
             rows[step] = k * S + np.arange(len(step))
             chunks.append(buf)
@@ -255,7 +266,7 @@ class PackedEncoder:
         if self.device.type == "cuda":
             staged, rows_t = staged.pin_memory(), rows_t.pin_memory()
         return Plan(staged.to(self.device, non_blocking=True), steps, rows_t.to(self.device, non_blocking=True),
-                    int(sum(lengths)))
+                    int(lengths_np.sum()))
 
     # ------------------------------------------------------------ running
 
