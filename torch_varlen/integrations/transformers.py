@@ -46,7 +46,7 @@ import types
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import AttentionMaskInterface, bidirectional_mask_function
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
 
 from .. import ops
@@ -110,21 +110,40 @@ def _packed_boundaries(batch, q_len, k_len, device, kwargs):
 
 
 def _attend_padded(q, k, v, attention_mask, options):
-    """(B, S, H, D) q/k/v with a (B, Sk) padding mask -> (B, Sq, H, Dv), padded rows zero."""
+    """(B, S, H, D) q/k/v with a (B, Sk) key mask -> (B, Sq, H, Dv), padded rows zero.
+
+    Sq == Sk: query i is key slot i (no cache, or a prefill that fills a static cache).
+    Sq < Sk (decoding with a cache): the queries are the Sq slots that end at the last slot
+    valid in any row, L. With a dynamic cache L = Sk; with a static cache the mask is padded
+    to the cache capacity (``varlen_attention_mask``) and L is the number of slots written so
+    far. Keys and queries are unpadded with a static capacity (B*Sk and B*Sq rows), so every
+    shape depends only on input shapes: no host read, no recompilation as L grows.
+    """
     batch, q_len = q.shape[:2]
     k_len = k.shape[1]
     if attention_mask.shape != (batch, k_len):
         raise ValueError(
             f"varlen attention: the padding mask must be (batch, kv_length) = {(batch, k_len)}, got "
-            f"{tuple(attention_mask.shape)} (static caches, whose keys outnumber the mask, are not supported)"
+            f"{tuple(attention_mask.shape)}"
         )
-    k_unpad, indices_k, cu_k, max_k, _ = ops.unpad_input(k, attention_mask)
-    v_unpad = torch.ops.varlen.gather_rows(v, indices_k)
     if q_len == k_len:
-        q_unpad, indices_q, cu_q, max_q = torch.ops.varlen.gather_rows(q, indices_k), indices_k, cu_k, max_k
-    else:  # queries are the last q_len positions (decoding with a cache)
-        q_unpad, indices_q, cu_q, max_q, _ = ops.unpad_input(q, attention_mask[:, -q_len:])
-    out, _ = ops.varlen_attention(q_unpad, k_unpad, v_unpad, cu_q, cu_k, max_q, max_k, **options)
+        k_unpad, indices_k, cu_k, max_k, _ = ops.unpad_input(k, attention_mask)
+        v_unpad = torch.ops.varlen.gather_rows(v, indices_k)
+        q_unpad = torch.ops.varlen.gather_rows(q, indices_k)
+        out, _ = ops.varlen_attention(q_unpad, k_unpad, v_unpad, cu_k, cu_k, max_k, max_k, **options)
+        return ops.pad_input(out, indices_k, batch, q_len)
+    if q_len > k_len:
+        raise ValueError(f"varlen attention: {q_len} queries but only {k_len} keys")
+    mask = attention_mask.bool()
+    slots = torch.arange(k_len, device=mask.device)
+    end = torch.where(mask, slots + 1, 0).amax()  # L: one past the last slot valid in any row
+    q_mask = mask.index_select(1, (end - q_len + slots[:q_len]).clamp(min=0))
+    k_unpad, indices_k, cu_k, _, _ = ops.unpad_input(k, mask, capacity=batch * k_len)
+    v_unpad = torch.ops.varlen.gather_rows(v, indices_k)
+    q_unpad, indices_q, cu_q, _, _ = ops.unpad_input(q, q_mask, capacity=batch * q_len)
+    # Bottom-right causal alignment on the unpadded rows: a sequence's valid queries are its
+    # last valid keys, so each query sees exactly the valid keys up to its own slot.
+    out, _ = ops.varlen_attention(q_unpad, k_unpad, v_unpad, cu_q, cu_k, q_len, k_len, **options)
     return ops.pad_input(out, indices_q, batch, q_len)
 
 
@@ -177,7 +196,12 @@ def varlen_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
                           attention_mask=None, use_vmap=False, **kwargs):
     """transformers mask function: keeps the 2-D padding mask (or None) for varlen attention.
 
-    The mask is passed through as is (no "is it all ones?" check, which would read the device).
+    The mask is passed through as is (no "is it all ones?" check, which would read the device),
+    cut to its last ``kv_length`` columns (a sliding-window cache holds the last keys). A mask
+    shorter than ``kv_length`` (a static cache, whose kv_length is its capacity) is padded with
+    False, as transformers' own masks are, so the result is always (batch, kv_length): the same
+    shape at every decode step. Both steps are idempotent, as they must be: with a static cache,
+    ``generate`` builds the mask once and the model passes the result through this function again.
     Causality, sliding windows and packing are applied inside attention, so a custom mask
     pattern (``or_mask_function`` / ``and_mask_function``, signalled by ``use_vmap``) is refused.
     """
@@ -185,8 +209,25 @@ def varlen_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset
         raise NotImplementedError("varlen attention does not support custom mask functions "
                                   "(or_mask_function / and_mask_function)")
     if attention_mask is None:
+        if mask_function is not bidirectional_mask_function and (
+                isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_offset + kv_length):
+            # a static cache without a padding mask: the slots written so far are the valid keys
+            slots = torch.arange(kv_length, device=kwargs.get("device", "cpu")) + kv_offset
+            return (slots < q_offset + q_length).expand(batch_size, kv_length)
         return None
-    return attention_mask[:, -kv_length:]
+    attention_mask = attention_mask[:, -kv_length:]  # a sliding-window cache keeps the last keys
+    if attention_mask.shape[-1] < kv_length:  # a static cache: its unwritten slots are not keys
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
+    if 1 < q_length < kv_length and not torch.compiler.is_compiling():
+        # Attention finds the queries' slots from the last key valid in any row (see
+        # _attend_padded). Checked on the host only in eager prefills (never in a decode step).
+        newest = attention_mask[:, q_offset + q_length - 1 - kv_offset]
+        if not bool(newest.any()):
+            raise ValueError(
+                "varlen attention with a cache: the newest token is padding in every row of the batch, "
+                "so the queries' positions cannot be told from the mask; pad on the left "
+                "(tokenizer.padding_side = 'left') or drop the padding that ends every row")
+    return attention_mask
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, varlen_attention_forward)
