@@ -524,10 +524,11 @@ def test_aiter_keywords(device):
         f(*args, softcap=1.0, logits_soft_cap=2.0)
     with pytest.raises(NotImplementedError, match="sink tokens .* third entry must be 0"):
         f(*args, window_size=(4, 0, 2))
-    for kw in (dict(block_table=torch.zeros(3, 1, dtype=torch.int32, device=device)),
-               dict(seqused_k=torch.ones(3, dtype=torch.int32, device=device))):
-        with pytest.raises(NotImplementedError, match=r"paged KV \(block_table\) is not supported yet"):
-            f(*args, **kw)
+    # paged KV is supported (test_paged_kv.py); a packed k with a block_table is a clear error
+    with pytest.raises(RuntimeError, match=r"with a block_table, k must be a cache"):
+        f(*args, block_table=torch.zeros(3, 1, dtype=torch.int32, device=device))
+    used = torch.ones(3, dtype=torch.int32, device=device)
+    torch.testing.assert_close(f(*args, seqused_k=used), f(*args, seqused_k=used, cu_seqlens_k_padded=None))
     for bad, what in ((ref[:, :, :4], r"shape \(9, 2, 16\)"), (ref.double(), "torch.float32"),
                       (ref.to("meta"), f"on {ref.device}")):
         with pytest.raises(ValueError, match=f"out must be .*{what}"):

@@ -16,6 +16,7 @@ from .ops import (  # noqa: F401
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
     pad_input,
     unpad_input,
     unpad_input_for_concatenated_sequences,

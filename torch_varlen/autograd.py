@@ -8,7 +8,7 @@ autograd through _attention_dense.attention_backward_dense, its pure-PyTorch equ
 import torch
 
 from ._attention_dense import attention_backward_dense
-from .meta.attention import FP8, FP8_BACKWARD_ERROR
+from .meta.attention import FP8, FP8_BACKWARD_ERROR, PAGED_BACKWARD_ERROR
 
 _ops = torch.ops.varlen
 
@@ -74,8 +74,9 @@ _ATTN_SCHEMA = (
     "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "softmax_scale",
     "window_left", "window_right", "softcap", "alibi_slopes", "cu_seqlens_q_padded",
     "cu_seqlens_k_padded", "dropout_p", "rng_state", "deterministic", "q_descale", "k_descale",
-    "v_descale", "backend", "sink",
+    "v_descale", "backend", "sink", "block_table", "seqused_k", "num_splits",
 )
+_ATTN_PAGED = ("block_table", "seqused_k", "num_splits")
 
 
 def _setup_attention(ctx, inputs, output):
@@ -88,14 +89,19 @@ def _setup_attention(ctx, inputs, output):
     # The descales are not kept: FP8 attention has no backward (fp8 tensors may require grad,
     # so the backward below raises instead of handing fp8 q, k, v to attention_backward).
     ctx.fp8 = args["q"].dtype == FP8
+    # Paged KV / seqused_k are forward-only (the backward below raises); num_splits only
+    # changes how the forward is computed.
+    ctx.paged = args.get("block_table") is not None or args.get("seqused_k") is not None
     ctx.values = {n: v for n, v in args.items()
-                  if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS + _ATTN_DESCALES + ("sink",)}
+                  if n not in _ATTN_TENSORS + _ATTN_OPTIONAL_TENSORS + _ATTN_DESCALES + ("sink",) + _ATTN_PAGED}
     ctx.values.setdefault("backend", None)  # the dispatcher drops trailing default arguments
 
 
 def _backward_attention(ctx, grad_out, grad_lse):
     if ctx.fp8:
         raise RuntimeError(FP8_BACKWARD_ERROR)
+    if ctx.paged:
+        raise NotImplementedError(PAGED_BACKWARD_ERROR)
     q, k, v, cu_q, cu_k, out, lse, alibi, cu_q_pad, cu_k_pad, rng_state, sink = ctx.saved_tensors
     a = ctx.values
     # With a sink, lse includes it, and that is all the backward kernels need (see _C/ops.cpp).
@@ -105,9 +111,13 @@ def _backward_attention(ctx, grad_out, grad_lse):
         cu_k_pad, a["dropout_p"], rng_state, a["deterministic"], grad_lse, a["backend"],
     )
     needs = tuple(ctx.needs_input_grad)
-    want_sink = len(needs) == len(_ATTN_SCHEMA) and needs[-1]
+    sink_index = _ATTN_SCHEMA.index("sink")
+    want_sink = len(needs) > sink_index and needs[sink_index]
     dsink = sink_grad(sink, out, lse, grad_out, grad_lse) if want_sink else None
-    return (dq, dk, dv) + (None,) * (len(_ATTN_SCHEMA) - 4) + (dsink,)
+    grads = [None] * len(_ATTN_SCHEMA)
+    grads[:3] = dq, dk, dv
+    grads[sink_index] = dsink
+    return tuple(grads)
 
 
 def sink_grad(sink, out, lse, grad_out, grad_lse=None):

@@ -28,6 +28,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_with_kvcache",
 ]
 
 
@@ -184,6 +185,7 @@ def varlen_attention(
     dropout_p: float = 0, rng_state: Optional[torch.Tensor] = None,
     cu_seqlens_q_padded=None, cu_seqlens_k_padded=None, deterministic: bool = False,
     q_descale=None, k_descale=None, v_descale=None, backend: Optional[str] = None, sink=None,
+    block_table=None, seqused_k=None, num_splits: int = 0,
 ):
     """Attention over packed variable-length sequences -> ``(out, softmax_lse)``.
 
@@ -229,8 +231,28 @@ def varlen_attention(
     (after softcap and ALiBi, which do not touch the sink). A row that sees no key gives out 0
     and lse ``sink_h``; rows outside every sequence keep 0 / -inf. ``sink`` is differentiable:
     ``dsink_h = sum_i exp(sink_h - lse_i) * (dlse_i - rowsum(dO_i * O_i))``.
+
+    Paged KV (inference: forward only, a backward raises): ``block_table`` int32
+    (B, max_blocks) makes k (num_blocks, block_size, Hk, D) and v (num_blocks, block_size, Hk,
+    Dv) caches, vLLM's and flash-attn's layout; key j of sequence b is
+    ``k[block_table[b, j // block_size], j % block_size]``. block_size is any positive multiple
+    of 16 (16, 32, ..., 256, 512, ...). ``seqused_k`` int32 (B,) gives each sequence's key count
+    ``Lk = seqused_k[b]`` (with or without a block_table); without it ``Lk = cu_seqlens_k[b+1] -
+    cu_seqlens_k[b]``. With seqused_k, cu_seqlens_k does not set the lengths (flash-attn's rule:
+    seqused_k wins) and may be None: it is then built from seqused_k. With packed k the keys of
+    sequence b are the seqused_k[b] rows from ``cu_seqlens_k_padded[b]`` (or ``cu_seqlens_k[b]``)
+    on. Every value is checked: counts >= 0, keys inside k (packed) or within the block table's
+    ``max_blocks * block_size`` (paged), and the used blocks' ids in ``[0, num_blocks)`` (a
+    RuntimeError on the CPU, a device-side assert on CUDA; never an out-of-bounds read).
+    Unused block table entries are not read. Every mask feature works with paged KV. The CPU
+    gathers the used keys into a packed copy (one pass); CUDA reads the blocks in the kernel.
+
+    ``num_splits`` (forward only): split-KV (flash-decoding) on CUDA: each query tile's keys in
+    that many parts, merged by lse; 0 picks it from the shapes (splits short query runs over
+    long caches that would not fill the GPU), 1 = no split. The CPU ignores it.
     """
     window_left, window_right = _window(causal, window_size)
+    cu_seqlens_k = _paged_cu_seqlens_k(cu_seqlens_k, seqused_k)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
     if dropout_p > 0 and rng_state is None:
@@ -241,7 +263,20 @@ def varlen_attention(
         cu_seqlens_k_padded, float(dropout_p), rng_state if dropout_p > 0 else None, deterministic,
         q_descale, k_descale, v_descale,
         backend=backend if backend is not None else _default_backend, sink=sink,
+        block_table=block_table, seqused_k=seqused_k, num_splits=int(num_splits),
     )
+
+
+def _paged_cu_seqlens_k(cu_seqlens_k, seqused_k):
+    """cu_seqlens_k, or (None with seqused_k) the cumulated seqused_k on its device."""
+    if cu_seqlens_k is not None:
+        return cu_seqlens_k
+    if seqused_k is None:
+        raise ValueError("cu_seqlens_k may be None only with seqused_k (which then gives the key counts)")
+    if seqused_k.dtype != torch.int32 or seqused_k.dim() != 1:
+        raise ValueError(f"seqused_k must be int32 of shape (batch,), got {seqused_k.dtype} of shape "
+                         f"{tuple(seqused_k.shape)}")
+    return torch.nn.functional.pad(seqused_k.cumsum(0, dtype=torch.int32), (1, 0))
 
 
 def flash_attn_varlen_func(
@@ -250,7 +285,7 @@ def flash_attn_varlen_func(
     deterministic=False, return_lse=False, return_attn_probs=False, cu_seqlens_q_padded=None,
     cu_seqlens_k_padded=None, *, rng_state=None, q_descale=None, k_descale=None, v_descale=None,
     backend=None, sink=None, logits_soft_cap=None, min_seqlen_q=None, out=None, block_table=None,
-    seqused_k=None, sink_ptr=None,
+    seqused_k=None, sink_ptr=None, num_splits=0,
 ):
     """flash-attn / AITER compatible varlen attention; see ``varlen_attention`` for semantics.
 
@@ -267,12 +302,12 @@ def flash_attn_varlen_func(
     (N_q, H, Dv) in out's dtype on q's device receives the output (copied in) and is returned
     in its place; ``window_size`` may have a third entry, AITER's count of sink tokens (the
     first keys every query sees besides its window), which must be 0 (only 0 is supported).
-    ``block_table`` / ``seqused_k`` (paged KV) must be None for now. ``sink_ptr`` is AITER's
+    ``block_table`` / ``seqused_k``: paged KV caches and key counts (forward only; see
+    ``varlen_attention``; cu_seqlens_k may be None with seqused_k). ``sink_ptr`` is AITER's
     name of ``sink``, the learnable sink logits (H,) (see ``varlen_attention``).
+    ``num_splits``: split-KV on CUDA (see ``varlen_attention``).
     """
-    if block_table is not None or seqused_k is not None:
-        raise NotImplementedError("paged KV (block_table) is not supported yet: block_table and "
-                                  "seqused_k must be None")
+    cu_seqlens_k = _paged_cu_seqlens_k(cu_seqlens_k, seqused_k)
     softcap = _aiter_softcap(softcap, logits_soft_cap)
     window_size = _aiter_window(window_size)
     if sink_ptr is not None:
@@ -287,9 +322,14 @@ def flash_attn_varlen_func(
         alibi_slopes=alibi_slopes, dropout_p=dropout_p, rng_state=rng_state,
         cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
         deterministic=deterministic, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        backend=backend, sink=sink,
+        backend=backend, sink=sink, block_table=block_table, seqused_k=seqused_k,
+        num_splits=num_splits,
     )
     if return_attn_probs:
+        if block_table is not None or seqused_k is not None:
+            k, v, cu_seqlens_k = _gather_keys(k, v, cu_seqlens_k, cu_seqlens_k_padded, block_table,
+                                              seqused_k)
+            cu_seqlens_k_padded = None
         probs = _attn_probs(
             q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
             softmax_scale=softmax_scale, causal=causal, window_size=window_size, softcap=softcap,
@@ -302,6 +342,12 @@ def flash_attn_varlen_func(
     if return_attn_probs:
         return result, lse, probs
     return (result, lse) if return_lse else result
+
+
+def _gather_keys(*args):
+    from . import reference
+
+    return reference.gather_keys(*args)
 
 
 def _aiter_softcap(softcap, logits_soft_cap):
@@ -429,3 +475,161 @@ def flash_attn_qkvpacked_func(qkv, *args, **kwargs):
         raise ValueError(f"flash_attn_qkvpacked_func: qkv must be (batch, seqlen, 3, nheads, headdim), "
                          f"got shape {tuple(qkv.shape)}")
     return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], *args, **kwargs)
+
+
+# ---------------------------------------------------------------- KV-cache decoding
+
+
+def _rotary(x, cos, sin, interleaved):
+    """flash-attn's rotary embedding of the first ``2 * cos.shape[-1]`` dims of x (B, S, H, D)
+    with cos / sin (B, S, rotary_dim / 2) gathered at each token's position, in float32
+    (float64 for float64 x). interleaved (GPT-J): pairs (0, 1), (2, 3), ...; else (GPT-NeoX)
+    halves (i, i + rotary_dim/2)."""
+    rd = 2 * cos.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x_ro, x_pass = x[..., :rd].to(acc), x[..., rd:]
+    cos, sin = cos[:, :, None].to(acc), sin[:, :, None].to(acc)
+    if interleaved:
+        x1, x2 = x_ro[..., 0::2], x_ro[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1).flatten(-2)
+    else:
+        x1, x2 = x_ro.chunk(2, -1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), -1)
+    return torch.cat((rotated.to(x.dtype), x_pass), -1)
+
+
+def _rotary_at(x, rotary_cos, rotary_sin, positions, interleaved):
+    torch._assert_async((positions < rotary_cos.shape[0]).all(),
+                        "kvcache: rotary_cos / rotary_sin must have a row for every rotated position "
+                        "(cache_seqlens + seqlen_new tokens)")
+    # clamped so that a bad position never reads outside the tables (the assert reports it)
+    positions = positions.clamp(0, max(rotary_cos.shape[0] - 1, 0))
+    return _rotary(x, rotary_cos[positions], rotary_sin[positions], interleaved)
+
+
+def flash_attn_with_kvcache(
+    q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None,
+    cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False,
+    window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0,
+    return_softmax_lse=False, *, sink=None, backend=None,
+):
+    """flash-attn 2's KV-cache attention (decoding): append k, v to the caches in place, then
+    attend q to each sequence's cached keys.
+
+    q (B, S_q, H, D); k_cache (B_c, S_c, Hk, D) and v_cache (B_c, S_c, Hk, Dv), or paged
+    (num_blocks, block_size, Hk, D) with ``block_table`` int32 (B, max_blocks) (block_size a
+    multiple of 16). ``cache_seqlens``: int or int32 (B,), the tokens already in each sequence's
+    cache (None: the whole cache, S_c or max_blocks * block_size). ``k`` (B, S_new, Hk, D) /
+    ``v`` (B, S_new, Hk, Dv), optional: written into the caches in place at positions
+    ``cache_seqlens[b] .. cache_seqlens[b] + S_new - 1`` (``torch.ops.varlen.kvcache_append``,
+    whose schema declares the mutation); cache_seqlens itself is not updated. Sequence b then
+    attends to its cache positions ``[cache_leftpad[b], cache_seqlens[b] + S_new)`` (leftpad
+    default 0) as ``varlen_attention`` with Lq = S_q and Lk = that count: causal / window are
+    bottom-right aligned (the queries are the last S_q tokens), as are ALiBi distances.
+    ``cache_batch_idx`` int32 (B,): sequence b uses cache row cache_batch_idx[b] (default b).
+    ``rotary_cos`` / ``rotary_sin`` (seqlen_ro, rotary_dim / 2): rotary embedding of the first
+    rotary_dim dims of k at its positions cache_seqlens[b] + i, and of q at cache_seqlens[b] + i
+    when causal or windowed, else at cache_seqlens[b] for every query (flash-attn's rule);
+    ``rotary_interleaved`` True pairs dims (0, 1), (2, 3), ... (GPT-J), False pairs i and
+    i + rotary_dim / 2 (GPT-NeoX). ``num_splits``: split-KV on CUDA (0 = heuristic, see
+    ``varlen_attention``). ``sink`` (H,) and ``backend``: as in ``varlen_attention``.
+
+    Returns out (B, S_q, H, Dv), and softmax_lse (B, H, S_q) float32 with
+    ``return_softmax_lse=True``. Forward only (no backward). Bad values (cache_seqlens + S_new
+    beyond the cache, block ids out of range, cache_batch_idx out of range, cache_leftpad
+    outside [0, cache_seqlens]) raise a RuntimeError on the CPU and a device-side assert on
+    CUDA; nothing syncs with the host, so a decode step runs inside a CUDA graph.
+    ``cache_batch_idx`` and ``cache_leftpad`` need a contiguous (not paged) cache, as in
+    flash-attn.
+    """
+    if q.dim() != 4:
+        raise ValueError(f"flash_attn_with_kvcache: q must be (batch, seqlen_q, nheads, headdim), got "
+                         f"shape {tuple(q.shape)}")
+    if (k is None) != (v is None):
+        raise ValueError("flash_attn_with_kvcache: give both k and v (the new tokens), or neither")
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("flash_attn_with_kvcache: give both rotary_cos and rotary_sin, or neither")
+    paged = block_table is not None
+    if paged and cache_batch_idx is not None:
+        raise ValueError("flash_attn_with_kvcache: cache_batch_idx is not supported with a block_table "
+                         "(as in flash-attn): index the block_table's rows instead")
+    if paged and cache_leftpad is not None:
+        raise ValueError("flash_attn_with_kvcache: cache_leftpad is not supported with a block_table "
+                         "(as in flash-attn)")
+    if k_cache.dim() != 4 or v_cache.dim() != 4:
+        raise ValueError(f"flash_attn_with_kvcache: k_cache / v_cache must be 4-D, got shapes "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    batch, seqlen_q, nheads, _ = q.shape
+    device = q.device
+    if paged and (block_table.dim() != 2 or block_table.dtype != torch.int32):
+        raise ValueError(f"flash_attn_with_kvcache: block_table must be int32 (batch, max_blocks), got "
+                         f"{block_table.dtype} of shape {tuple(block_table.shape)}")
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    seqlen_new = 0 if k is None else k.shape[1]
+    if cache_seqlens is None:
+        if k is not None:
+            raise ValueError("flash_attn_with_kvcache: cache_seqlens is required with k, v (it gives "
+                             "the positions they are written at)")
+        cache_seqlens = capacity
+    if isinstance(cache_seqlens, int):
+        cache_seqlens = torch.full((batch,), cache_seqlens, dtype=torch.int32, device=device)
+    for name, t in (("cache_seqlens", cache_seqlens), ("cache_batch_idx", cache_batch_idx),
+                    ("cache_leftpad", cache_leftpad)):
+        if t is not None and (t.dtype != torch.int32 or tuple(t.shape) != (batch,) or t.device != device):
+            raise ValueError(f"flash_attn_with_kvcache: {name} must be int32 of shape ({batch},) on q's "
+                             f"device {device}, got {t.dtype} of shape {tuple(t.shape)} on {t.device}")
+    torch._assert_async(((cache_seqlens >= 0) & (cache_seqlens + seqlen_new <= capacity)).all(),
+                        "kvcache: cache_seqlens + seqlen_new must be <= the cache's capacity (seqlen_cache, "
+                        "or max_blocks * block_size with a block_table)")
+    if cache_leftpad is not None:
+        torch._assert_async(((cache_leftpad >= 0) & (cache_leftpad <= cache_seqlens)).all(),
+                            "kvcache: cache_leftpad must be in [0, cache_seqlens]")
+    if cache_batch_idx is not None:
+        torch._assert_async(((cache_batch_idx >= 0) & (cache_batch_idx < k_cache.shape[0])).all(),
+                            "kvcache: cache_batch_idx must be in [0, k_cache.shape[0])")
+    window_left, window_right = _window(causal, _aiter_window(window_size))
+    if rotary_cos is not None:
+        start = cache_seqlens.to(torch.int64)[:, None]
+        if window_left >= 0 or window_right >= 0:  # causal or local: each query at its position
+            pos_q = start + torch.arange(seqlen_q, device=device)
+        else:
+            pos_q = start.expand(batch, seqlen_q)
+        q = _rotary_at(q, rotary_cos, rotary_sin, pos_q, rotary_interleaved)
+        if k is not None:
+            k = _rotary_at(k, rotary_cos, rotary_sin, start + torch.arange(seqlen_new, device=device),
+                           rotary_interleaved)
+    if k is not None:
+        _ops.kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    lengths = cache_seqlens + seqlen_new
+    if cache_leftpad is not None:
+        lengths = lengths - cache_leftpad
+    lengths = lengths.to(torch.int32)
+    cu_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+    if paged:
+        keys, values, cu_k, starts = k_cache, v_cache, _paged_cu_seqlens_k(None, lengths), None
+    else:
+        # (B_c * S_c, Hk, D) views of the caches (a copy only for caches whose first two dims do
+        # not merge); sequence b reads rows starts[b] .. starts[b] + lengths[b] - 1. Its
+        # cu_seqlens_k are all zeros: with seqused_k the lengths come from seqused_k, and the
+        # starts (cu_seqlens_k_padded) need then only lie inside the cache, in any order.
+        s_c = k_cache.shape[1]
+        keys = k_cache.reshape(k_cache.shape[0] * s_c, *k_cache.shape[2:])
+        values = v_cache.reshape(v_cache.shape[0] * s_c, *v_cache.shape[2:])
+        rows = torch.arange(batch, device=device) if cache_batch_idx is None else cache_batch_idx.to(torch.int64)
+        starts = rows * s_c
+        if cache_leftpad is not None:
+            starts = starts + cache_leftpad
+        starts = torch.nn.functional.pad(starts.to(torch.int32), (0, 1))  # (B+1,): the last unused
+        cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+    if softmax_scale is None:
+        softmax_scale = q.shape[-1] ** -0.5
+    out, lse = _ops.attention_forward(
+        q.reshape(batch * seqlen_q, nheads, q.shape[-1]), keys, values, cu_q, cu_k, seqlen_q,
+        capacity, float(softmax_scale), window_left, window_right, float(softcap), alibi_slopes,
+        None, starts, backend=backend if backend is not None else _default_backend, sink=sink,
+        block_table=block_table, seqused_k=lengths, num_splits=int(num_splits),
+    )
+    out = out.view(batch, seqlen_q, nheads, out.shape[-1])
+    if not return_softmax_lse:
+        return out
+    return out, lse.view(nheads, batch, seqlen_q).transpose(0, 1)

@@ -146,6 +146,8 @@ def attention(
     k_descale=None,
     v_descale=None,
     sink=None,
+    block_table=None,
+    seqused_k=None,
 ):
     """Varlen attention, one sequence at a time -> (out, softmax_lse, probs).
 
@@ -163,7 +165,12 @@ def attention(
     score with no value: ``lse = logsumexp(scores of the row, sink_h)``, ``p = exp(s - lse)``
     (probs exclude the sink; its weight is ``exp(sink_h - lse)``). A row that sees no key has
     out 0 and lse sink_h. Differentiable in sink.
+
+    Paged KV / seqused_k: the attention over the keys ``gather_keys`` returns (see there).
     """
+    if block_table is not None or seqused_k is not None:
+        k, v, cu_seqlens_k = gather_keys(k, v, cu_seqlens_k, cu_seqlens_k_padded, block_table, seqused_k)
+        cu_seqlens_k_padded = None
     fp8 = q.dtype == torch.float8_e4m3fn
     if not fp8 and any(d is not None for d in (q_descale, k_descale, v_descale)):
         raise ValueError(f"q/k/v_descale need float8_e4m3fn q, k, v, got {q.dtype}")
@@ -237,3 +244,32 @@ def _descale(descale, b, nheads_k, device):
         return torch.ones(nheads_k, dtype=torch.float64, device=device)
     d = descale.to(device, torch.float64)
     return d.expand(nheads_k) if d.dim() == 1 else d[b]
+
+
+def gather_keys(k, v, cu_seqlens_k, cu_seqlens_k_padded=None, block_table=None, seqused_k=None):
+    """The keys each sequence reads, packed -> (k, v, cu_seqlens_k) (differentiable in k, v).
+
+    Sequence b has ``Lk = seqused_k[b]`` keys when seqused_k is given, else
+    ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``. Packed k (total_k, Hk, D): its keys are the rows
+    from ``cu_seqlens_k_padded[b]`` (or ``cu_seqlens_k[b]``) on. Paged k (num_blocks,
+    block_size, Hk, D) with block_table (B, max_blocks): key j is
+    ``k[block_table[b, j // block_size], j % block_size]``.
+    """
+    cu = cu_seqlens_k.tolist()
+    batch = len(cu) - 1
+    lengths = seqused_k.tolist() if seqused_k is not None else [cu[b + 1] - cu[b] for b in range(batch)]
+    starts = cu_seqlens_k_padded.tolist() if cu_seqlens_k_padded is not None else cu
+    ks, vs = [], []
+    for b in range(batch):
+        j = torch.arange(lengths[b], device=k.device)
+        if block_table is None:
+            ks.append(k[starts[b] + j])
+            vs.append(v[starts[b] + j])
+        else:
+            bs = k.shape[1]
+            blocks = block_table[b].to(torch.int64)[j // bs]
+            ks.append(k[blocks, j % bs])
+            vs.append(v[blocks, j % bs])
+    cu_out = _cu(torch.tensor(lengths, dtype=torch.int64)).to(cu_seqlens_k.device)
+    return torch.cat(ks) if ks else k.new_zeros((0,) + k.shape[-2:]), \
+        torch.cat(vs) if vs else v.new_zeros((0,) + v.shape[-2:]), cu_out

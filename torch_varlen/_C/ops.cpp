@@ -53,6 +53,17 @@ TORCH_LIBRARY(varlen, m) {
   // backward needs nothing more than that lse: attention_backward's dS = P * (dP - (D - dlse))
   // holds unchanged, and the autograd formula adds
   // dsink_h = sum_i exp(sink_h - lse_i) * (dlse_i - D_i) (torch_varlen/autograd.py).
+  // Paged KV (forward only): with block_table int32 (batch, max_blocks), k is a cache
+  // (num_blocks, block_size, nheads_k, headdim) and v (num_blocks, block_size, nheads_k,
+  // headdim_v); key j of sequence b is k[block_table[b, j // block_size], j % block_size].
+  // block_size a positive multiple of 16. seqused_k int32 (batch,): sequence b has
+  // Lk = seqused_k[b] keys (else Lk = cu_seqlens_k[b+1] - cu_seqlens_k[b]); with packed k they
+  // are the rows from cu_seqlens_k_padded[b] (or cu_seqlens_k[b]) on, which must lie inside k;
+  // with a block_table Lk <= max_blocks * block_size and the block ids of its
+  // ceil(Lk / block_size) blocks must lie in [0, num_blocks). A backward through a forward with
+  // block_table or seqused_k raises. num_splits: split-KV on CUDA (0 = heuristic, 1 = none):
+  // each query tile's keys in num_splits parts, merged by lse (torch_varlen/merge.py); the CPU
+  // ignores it.
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, "
       "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, float softmax_scale, "
@@ -60,8 +71,8 @@ TORCH_LIBRARY(varlen, m) {
       "Tensor? alibi_slopes=None, Tensor? cu_seqlens_q_padded=None, "
       "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
       "bool deterministic=False, Tensor? q_descale=None, Tensor? k_descale=None, "
-      "Tensor? v_descale=None, str? backend=None, Tensor? sink=None) -> (Tensor out, "
-      "Tensor softmax_lse)");
+      "Tensor? v_descale=None, str? backend=None, Tensor? sink=None, Tensor? block_table=None, "
+      "Tensor? seqused_k=None, int num_splits=0) -> (Tensor out, Tensor softmax_lse)");
   m.def(
       "attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor softmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
@@ -70,4 +81,16 @@ TORCH_LIBRARY(varlen, m) {
       "Tensor? cu_seqlens_k_padded=None, float dropout_p=0.0, Tensor? rng_state=None, "
       "bool deterministic=False, Tensor? grad_lse=None, str? backend=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ---- KV cache ------------------------------------------------------------------------
+  // Appends new keys / values in place (flash_attn_with_kvcache): k (batch, seqlen_new,
+  // nheads_k, headdim), v (batch, seqlen_new, nheads_k, headdim_v) go to positions
+  // cache_seqlens[b] + i (int32 (batch,)) of sequence b. Caches are (batch_cache, seqlen_cache,
+  // nheads_k, headdim) indexed by cache_batch_idx[b] (int32 (batch,); default b), or paged
+  // (num_blocks, block_size, nheads_k, headdim) with block_table int32 (batch, max_blocks)
+  // (position p of sequence b at [block_table[b, p // block_size], p % block_size]).
+  // cache_seqlens[b] + seqlen_new must fit the cache; block ids must be in range.
+  m.def(
+      "kvcache_append(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor k, Tensor v, "
+      "Tensor cache_seqlens, Tensor? cache_batch_idx=None, Tensor? block_table=None) -> ()");
 }

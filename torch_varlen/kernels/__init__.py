@@ -12,6 +12,7 @@ import importlib.util
 import torch
 
 from . import fa4
+from . import kvcache  # noqa: F401  (registers varlen::kvcache_append on CPU and CUDA)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -28,8 +29,14 @@ def _attention_forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                             alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                             dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                            k_descale=None, v_descale=None, backend=None, sink=None):
-    if fa4.select(backend, q, k, v, alibi_slopes=alibi_slopes,
+                            k_descale=None, v_descale=None, backend=None, sink=None,
+                            block_table=None, seqused_k=None, num_splits=0):
+    if block_table is not None or seqused_k is not None:
+        # paged KV / seqused_k run on our Triton kernels only
+        if backend == "fa4":
+            raise RuntimeError("backend='fa4' cannot run this call: paged KV (block_table) and seqused_k "
+                               "are not routed to FlashAttention-4 (use backend='torch_varlen' or 'auto')")
+    elif fa4.select(backend, q, k, v, alibi_slopes=alibi_slopes,
                   cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_k_padded=cu_seqlens_k_padded,
                   dropout_p=dropout_p, q_descale=q_descale, k_descale=k_descale,
                   v_descale=v_descale):
@@ -38,7 +45,8 @@ def _attention_forward_cuda(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return _attention().attention_forward(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
         window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
-        dropout_p, rng_state, deterministic, q_descale, k_descale, v_descale, backend, sink)
+        dropout_p, rng_state, deterministic, q_descale, k_descale, v_descale, backend, sink,
+        block_table, seqused_k, num_splits)
 
 
 def _attention_backward_cuda(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,

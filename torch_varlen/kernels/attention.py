@@ -41,13 +41,15 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
 from ..meta.attention import FP8, FP8_BACKWARD_ERROR, check_attention_shapes, lse_dtype, out_dtype
-from ..meta.attention import check_attention_backward_args, check_sink
-from .checks import check_cu_seqlens
+from ..meta.attention import check_attention_backward_args, check_paged_kv, check_sink
+from ..merge import merge_attention_partials
+from .checks import check_cu_seqlens, check_kv_lengths
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # float64 exp2/log2 through libdevice (ex2.approx / lg2.approx are float32-only); the
@@ -221,6 +223,18 @@ def _load_rows(ptrs0, rows, total, stride_t, offs_c, NCOLS: tl.constexpr, BLOCK_
 
 
 @triton.jit
+def _paged_slots(BT_b, stride_btm, cols, Lk, block_size, max_blocks, num_blocks):
+    """Paged KV: (block id, slot in the block, valid) of the logical keys ``cols`` of one
+    sequence, whose block table row is BT_b. A key is valid when it is one of the sequence's Lk
+    keys and its block id lies in the cache (checks.py asserts that on the device; the mask
+    keeps a bad id from ever being read)."""
+    valid = (cols >= 0) & (cols < Lk) & (cols < max_blocks * block_size)
+    blk = tl.load(BT_b + (cols // block_size) * stride_btm, mask=valid, other=0).to(tl.int64)
+    valid = valid & (blk >= 0) & (blk < num_blocks)
+    return blk, (cols % block_size).to(tl.int64), valid
+
+
+@triton.jit
 def _sequence_lengths(CU_Q, CU_K, b):
     """(cu_seqlens_q[b], Lq, Lk) of sequence b."""
     row0 = tl.load(CU_Q + b)
@@ -276,12 +290,14 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right,
                          scale_log2, softmax_scale, softcap, slope_log2,
                          seed, rng_offset, threshold, head, row0,
-                         stride_kt, stride_vt,
+                         stride_kt, stride_vt, BT_b, stride_btm, block_size, max_blocks,
+                         num_blocks, stride_kb, stride_vb,
                          HEADDIM: tl.constexpr, HEADDIM_V: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
                          USE_TMA: tl.constexpr, P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr,
-                         POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         PAGED: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
     MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
@@ -291,12 +307,19 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
     PV_WIDE: FP8 V is widened to float16 in registers (exactly: e4m3 values are float16
     values) and P @ V runs in float16 (P keeps 10 mantissa bits instead of e4m3's 3; V keeps
     its (total_k, Hk, Dv) layout);
-    POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step).
+    POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step);
+    PAGED: K / V are caches (num_blocks, block_size, ...) read through the block table row
+    BT_b (every load masked, also in unmasked blocks).
     """
     for n in range(n_lo, n_hi, BLOCK_N):
         cols = n + offs_n
         krow = (sk + cols).to(tl.int64)
-        if USE_TMA and not MASK:
+        if PAGED:
+            blk, slot, kvalid = _paged_slots(BT_b, stride_btm, cols, Lk, block_size, max_blocks,
+                                             num_blocks)
+            k = tl.load(k_ptrs0 + (blk * stride_kb + slot * stride_kt)[:, None],
+                        mask=kvalid[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+        elif USE_TMA and not MASK:
             k = K_DESC.load([(sk + n).to(tl.int32), desc_col_k])
         else:
             k = _load_rows(k_ptrs0, krow, total_k, stride_kt, offs_d, HEADDIM, BLOCK_D, MASK)
@@ -320,7 +343,10 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
                                  threshold)
             p = tl.where(keep, p, 0.0)
-        if USE_TMA and not MASK:
+        if PAGED:
+            v = tl.load(v_ptrs0 + (blk * stride_vb + slot * stride_vt)[:, None],
+                        mask=kvalid[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
+        elif USE_TMA and not MASK:
             v = V_DESC.load([(sk + n).to(tl.int32), desc_col_v])
         else:
             v = _load_rows(v_ptrs0, krow, total_k, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, MASK)
@@ -334,12 +360,15 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
     return acc, l_i, m_i
 
 
-@triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch"])
+@triton.jit(do_not_specialize=["window_left", "window_right", "threshold", "total_q", "total_k", "batch",
+                               "max_blocks", "num_blocks", "stride_btb", "num_splits"])
 def _attention_fwd_kernel(
     Q, K, V, OUT, LSE, CU_Q, CU_K, START_Q, START_K, ALIBI, RNG, K_DESC, V_DESC,
-    Q_DESCALE, K_DESCALE, V_DESCALE, SINK,
+    Q_DESCALE, K_DESCALE, V_DESCALE, SINK, BT,
     softmax_scale: tl.float64, softcap: tl.float64, window_left, window_right,
     dropout_scale: tl.float64, threshold, total_q, total_k, batch, group,
+    stride_btb, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
+    stride_os, stride_ls, num_splits,
     stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
     stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
     stride_lh, stride_ab, stride_ah, stride_qdb, stride_qdh, stride_kdb, stride_kdh,
@@ -349,7 +378,7 @@ def _attention_fwd_kernel(
     HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
-    ZERO_TAIL: tl.constexpr, HAS_SINK: tl.constexpr,
+    ZERO_TAIL: tl.constexpr, HAS_SINK: tl.constexpr, PAGED: tl.constexpr,
     DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (query tile, query head) per program.
@@ -365,13 +394,23 @@ def _attention_fwd_kernel(
     ZERO_TAIL: zero the rows after the last sequence (no cu_seqlens_q_padded); HAS_SINK: SINK
     (nheads,) holds learnable sink logits that join each row's denominator; DOT_PRECISION:
     tl.dot input_precision; ACC: compute dtype of accumulators, softmax statistics, scores and
-    the float scalars (float64 for float64 inputs, else float32).
+    the float scalars (float64 for float64 inputs, else float32); PAGED: K / V are caches
+    (num_blocks, block_size, nheads_k, d) with strides stride_kb / stride_vb over blocks, key j
+    of sequence b at block BT[b, j // block_size] (block table strides stride_btb, stride_btm).
+
+    Split-KV: program_id(2) is the split s of num_splits: the program visits only the key
+    blocks in [s * chunk, (s + 1) * chunk), chunk = the sequence's key blocks / num_splits
+    (rounded up, whole blocks), and writes its partial (out, lse) at OUT + s * stride_os,
+    LSE + s * stride_ls; the sink joins split 0 only. The launcher merges the partials by lse.
     """
     softmax_scale = _to_acc(softmax_scale, ACC)
     softcap = _to_acc(softcap, ACC)
     dropout_scale = _to_acc(dropout_scale, ACC)
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    OUT += split * stride_os
+    LSE += split * stride_ls
     hk = h // group
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -414,7 +453,17 @@ def _attention_fwd_kernel(
 
     n_start, n_a, n_c, n_end = _query_tile_key_blocks(m0, Lq, Lk, window_left, window_right, BLOCK_M,
                                                       BLOCK_N)
-    n_c = _clamp_to_buffer(n_a, n_c, sk, total_k, BLOCK_N)
+    if not PAGED:
+        n_c = _clamp_to_buffer(n_a, n_c, sk, total_k, BLOCK_N)
+    # split-KV: this split's whole key blocks [s_lo, s_hi); every range boundary clamped to it
+    chunk = tl.cdiv(tl.cdiv(Lk, BLOCK_N), num_splits) * BLOCK_N
+    s_lo = split * chunk
+    s_hi = tl.minimum(s_lo + chunk, tl.maximum(n_end, s_lo))
+    n_start = tl.minimum(tl.maximum(n_start, s_lo), s_hi)
+    n_a = tl.minimum(tl.maximum(n_a, s_lo), s_hi)
+    n_c = tl.minimum(tl.maximum(n_c, s_lo), s_hi)
+    n_end = tl.minimum(tl.maximum(n_end, s_lo), s_hi)
+    bt_b = BT + b.to(tl.int64) * stride_btb
 
     k_ptrs0 = K + hk * stride_kh + offs_d[None, :] * stride_kd
     v_ptrs0 = V + hk * stride_vh + offs_dv[None, :] * stride_vd
@@ -427,26 +476,30 @@ def _attention_fwd_kernel(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_start,
         n_a, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
-        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
+        stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
-        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
+        stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
-        stride_vt, HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION)
+        stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
+        HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
 
     if HAS_SINK:
         # The sink joins the denominator as one more score (log2 units), with no value:
         # l = l * 2^(m - mx) + 2^(sink - mx), acc rescaled alike. A row that saw no key
         # (m = -inf) gets l = 1 at mx = sink: out 0, lse sink. A -inf sink changes nothing.
         sink_log2 = tl.load(SINK + h).to(ACC) * 1.4426950408889634
+        sink_log2 = tl.where(split == 0, sink_log2, float("-inf"))  # split-KV: once
         m_fin = tl.maximum(m_i, sink_log2)
         m_fin_safe = tl.where(m_fin == float("-inf"), 0.0, m_fin)
         o_scale = _exp2(m_i - m_fin_safe)
@@ -1006,35 +1059,56 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                       softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                       alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                       dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                      k_descale=None, v_descale=None, backend=None, sink=None, config=None):
+                      k_descale=None, v_descale=None, backend=None, sink=None, block_table=None,
+                      seqused_k=None, num_splits=0, config=None):
     """varlen::attention_forward on Triton -> (out, softmax_lse). max_seqlen_* are unused.
 
     ``config`` (tuner only) overrides the launch config (keys as _config returns). ``sink``:
     learnable sink logits (nheads,), folded into the softmax in the kernel (the backward
-    kernels need only the lse that includes them).
+    kernels need only the lse that includes them). ``block_table``: paged K / V caches, read
+    through the table in the kernel; ``seqused_k``: the key counts (a cumsum on the device
+    gives the kernel its cu_seqlens_k); both checked by kernels/checks.py's device asserts.
+    ``num_splits`` (0 = _num_splits's heuristic): split-KV, partials merged by
+    merge.merge_attention_partials.
     """
-    c = _Common(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
+    k3, v3 = check_paged_kv(q, k, v, cu_seqlens_q, cu_seqlens_k_padded, block_table, seqused_k,
+                            num_splits)
+    paged = block_table is not None
+    c = _Common(q, k3, v3, cu_seqlens_q, cu_seqlens_k, softmax_scale, window_left, window_right,
                 softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded, dropout_p,
                 rng_state, q_descale, k_descale, v_descale)
     check_sink(q, sink)
-    # cu_seqlens values, as the CPU kernel checks them: device asserts, no host sync
+    # cu_seqlens values, as the CPU kernel checks them: device asserts, no host sync (a paged
+    # cu_seqlens_k has no buffer to end inside)
     check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens_k_padded,
-                     q.shape[0], k.shape[0])
+                     q.shape[0], _NO_BOUND if paged else k.shape[0])
+    if paged or seqused_k is not None:
+        check_kv_lengths(cu_seqlens_k, seqused_k, c.seq[3], block_table, k.shape[0],
+                         k.shape[1] if paged else 1, k.shape[0])
+    if seqused_k is not None:  # the kernel reads Lk = CU_K[b+1] - CU_K[b]
+        c.seq = (c.seq[0], F.pad(seqused_k.cumsum(0, dtype=torch.int32), (1, 0)), *c.seq[2:])
     fp8 = q.dtype == FP8
     total_q = q.shape[0]
-    out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[2]), dtype=out_dtype(q))
-    lse = q.new_empty((c.nheads, total_q), dtype=c.acc_dtype)
+    cfg = _config("fwd", q, v3, window_left, window_right, config)
+    block_m, block_n = cfg["block_m"], cfg["block_n"]
+    grid = c.grid(total_q, block_m, c.nheads)
+    key_capacity = block_table.shape[1] * k.shape[1] if paged else k.shape[0]
+    splits = _num_splits(num_splits, q, c.batch, grid[0] * grid[1], key_capacity)
+    if splits > 1:  # partial (out, lse) per split in the compute dtype, merged below
+        out = _new(q.new_empty, c.padded_q, (splits, total_q, c.nheads, v.shape[-1]), dtype=c.acc_dtype)
+        lse = q.new_empty((splits, c.nheads, total_q), dtype=c.acc_dtype)
+    else:
+        out = _new(q.new_empty, c.padded_q, (total_q, c.nheads, v.shape[-1]), dtype=out_dtype(q))
+        lse = q.new_empty((c.nheads, total_q), dtype=c.acc_dtype)
     if c.padded_q:
         lse.fill_(float("-inf"))
     elif _poison_outputs:
         lse.fill_(float("nan"))
-    cfg = _config("fwd", q, v, window_left, window_right, config)
-    block_m, block_n = cfg["block_m"], cfg["block_n"]
     # FP8 loads through pointers: a TMA path for its keys-fastest V hit an illegal instruction
-    # on the H200 (benchmarks/NOTES.md) and was removed.
-    descs = _kv_descriptors(k, v, block_n) if cfg["tma"] and not fp8 else None
+    # on the H200 (benchmarks/NOTES.md) and was removed. Paged K / V load through the table.
+    descs = _kv_descriptors(k, v, block_n) if cfg["tma"] and not fp8 and not paged else None
     # FP8 P @ V (fp8_pv) wants V keys-fastest; the other FP8 variant widens V to float16.
-    fp8_pv = fp8 and cfg["fp8_pv"]
+    fp8_pv = fp8 and cfg["fp8_pv"] and not paged
     if fp8_pv:
         v = _fp8_v_transposed(v)
     (qd, qd_strides), (kd, kd_strides), (vd, vd_strides) = (
@@ -1045,21 +1119,57 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     # The forward never compiles that tile pair: its V tile is at least as wide as the q/k tile
     # (loads and stores stay masked to headdim_v; the extra columns are zeros).
     flags = dict(c.flags, BLOCK_DV=max(c.block_dv, c.block_d))
-    grid = c.grid(total_q, block_m, c.nheads)
+    if paged:  # (token, head, dim) strides of one block's slots, and the block strides
+        k_strides, v_strides = k.stride()[1:], v.stride()[1:]
+        paging = (block_table, *block_table.stride(), k.shape[1], block_table.shape[1], k.shape[0],
+                  k.stride(0), v.stride(0))
+    else:
+        k_strides, v_strides = k.stride(), v.stride()
+        paging = (cu_seqlens_q, 0, 0, 1, 0, 0, 0, 0)
+    out_rows = out[0] if splits > 1 else out
+    split_strides = (out.stride(0), lse.stride(0)) if splits > 1 else (0, 0)
     if grid[0] > 0 and total_q > 0:
         with _device(q):
-            _attention_fwd_kernel[grid](
+            _attention_fwd_kernel[grid + (splits,)](
                 q, k, v, out, lse, *c.seq, c.alibi, c.rng, *(descs or (k, v)), qd, kd, vd,
-                lse if sink is None else sink.contiguous(), *c.values, *q.stride(), *k.stride(),
-                *v.stride(), *out.stride(), lse.stride(0),
+                lse if sink is None else sink.contiguous(), paging[0], *c.values, *paging[1:],
+                *split_strides, splits, *q.stride(), *k_strides,
+                *v_strides, *out_rows.stride(), lse.stride(-2),
                 *c.alibi_strides, *qd_strides, *kd_strides, *vd_strides, BLOCK_M=block_m,
                 BLOCK_N=block_n, HAS_DESCALE=fp8, USE_TMA=descs is not None,
                 P_SCALE=256.0 if fp8_pv else 1.0, PV_WIDE=fp8 and not fp8_pv,
                 POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, HAS_SINK=sink is not None,
-                num_warps=cfg["warps"],
+                PAGED=paged, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **flags)
+    if splits > 1:
+        out, lse = merge_attention_partials(list(out.unbind(0)), list(lse.unbind(0)),
+                                            out_dtype=out_dtype(q))
     return out, lse
+
+
+_NO_BOUND = 2**31 - 1  # total_k for the cu_seqlens_k checks of a paged call
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(requested: int, q, batch: int, programs: int, key_capacity: int) -> int:
+    """Split-KV parts of a forward: ``requested`` when > 0. The heuristic (0) splits only on a
+    GPU, for short query runs (at most 16 query rows per sequence on average, as in decoding)
+    whose programs do not fill the GPU, over long key ranges (key_capacity: keys a sequence may
+    have, read from shapes only): about 2 programs per SM, at least 1024 keys per split, at most
+    32 splits. Shapes only, so CUDA graphs and compiled steps keep one launch config."""
+    if requested > 0:
+        return int(requested)
+    if _INTERPRET or not q.is_cuda:
+        return 1
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if q.shape[0] > 16 * max(batch, 1) or programs >= sms or key_capacity < 2048:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, max(programs, 1)), key_capacity // 1024, 32))
 
 
 def attention_backward(grad_out, q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k,

@@ -149,3 +149,66 @@ def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, cu_seqlens_q_padded, cu_seqlens
     with device, debug:
         _check_cu_seqlens_kernel[(1,)](*args, PADDED_Q=padded_q, PADDED_K=padded_k, BLOCK=_BLOCK,
                                        num_warps=4, **_MESSAGES)
+
+
+# ---------------------------------------------------------------- paged KV / seqused_k
+
+# The device-assert messages; the CPU kernel's (gather_keys in _C/cpu/attention.cpp) start
+# with the same text and add the values.
+KV_MESSAGES = dict(
+    MSG_NEG="seqused_k must be >= 0",
+    MSG_ROWS="seqused_k: a sequence's keys [start, start + seqused_k) lie beyond k.shape[0]",
+    MSG_CAP="paged KV: a sequence's key count exceeds the block_table's capacity max_blocks * block_size",
+    MSG_BLOCK="paged KV: block_table holds a block id outside [0, num_blocks)",
+)
+
+
+@triton.jit(debug=True, do_not_specialize=["max_blocks", "num_blocks", "block_size", "total_k",
+                                           "stride_btb", "stride_btm"])
+def _check_kv_lengths_kernel(CU_K, SEQUSED, START, BT, stride_btb, stride_btm, max_blocks,
+                             num_blocks, block_size, total_k, HAS_SEQUSED: tl.constexpr,
+                             PAGED: tl.constexpr, BLOCK: tl.constexpr, MSG_NEG: tl.constexpr,
+                             MSG_ROWS: tl.constexpr, MSG_CAP: tl.constexpr, MSG_BLOCK: tl.constexpr):
+    """One program per sequence b, whose key count is Lk = SEQUSED[b] (HAS_SEQUSED) or
+    CU_K[b+1] - CU_K[b]: Lk >= 0; PAGED: Lk <= max_blocks * block_size and the block ids
+    BT[b, :ceil(Lk / block_size)] in [0, num_blocks); else the rows [START[b], START[b] + Lk)
+    inside [0, total_k). BLOCK: block table entries per loop step; MSG_*: KV_MESSAGES."""
+    b = tl.program_id(0).to(tl.int64)
+    if HAS_SEQUSED:
+        length = tl.load(SEQUSED + b).to(tl.int64)
+    else:
+        length = tl.load(CU_K + b + 1).to(tl.int64) - tl.load(CU_K + b).to(tl.int64)
+    tl.device_assert(length >= 0, MSG_NEG)
+    if PAGED:
+        capacity = max_blocks.to(tl.int64) * block_size
+        tl.device_assert(length <= capacity, MSG_CAP)
+        used = (tl.minimum(length, capacity) + block_size - 1) // block_size
+        for c in range(0, max_blocks, BLOCK):
+            idx = c + tl.arange(0, BLOCK)
+            m = idx < used
+            ids = tl.load(BT + b * stride_btb + idx * stride_btm, mask=m, other=0)
+            tl.device_assert(~m | ((ids >= 0) & (ids < num_blocks)), MSG_BLOCK)
+    else:
+        start = tl.load(START + b).to(tl.int64)
+        tl.device_assert((start >= 0) & (start + length <= total_k), MSG_ROWS)
+
+
+def check_kv_lengths(cu_seqlens_k, seqused_k, starts, block_table, num_blocks: int,
+                     block_size: int, total_k: int) -> None:
+    """Launch the value checks of paged KV (block_table) or seqused_k: every sequence's key
+    count is >= 0 and its keys lie in the cache (paged: within the block table, whose used
+    entries are valid block ids) or in k's rows from ``starts[b]`` (packed). Shapes must already
+    be checked (meta/attention.py check_paged_kv). Asynchronous: never syncs with the host."""
+    batch = cu_seqlens_k.shape[0] - 1
+    if batch <= 0:
+        return
+    paged = block_table is not None
+    bt = block_table if paged else cu_seqlens_k
+    device = torch.cuda.device(cu_seqlens_k.device) if cu_seqlens_k.is_cuda else contextlib.nullcontext()
+    debug = _interpreter_debug() if _INTERPRET else contextlib.nullcontext()
+    with device, debug:
+        _check_kv_lengths_kernel[(batch,)](
+            cu_seqlens_k.contiguous(), (seqused_k if seqused_k is not None else cu_seqlens_k).contiguous(),
+            starts, bt, bt.stride(0) if paged else 0, bt.stride(1) if paged else 0,
+            block_table.shape[1] if paged else 0, int(num_blocks), int(block_size), int(total_k),
+            HAS_SEQUSED=seqused_k is not None, PAGED=paged, BLOCK=128, num_warps=1, **KV_MESSAGES)

@@ -106,6 +106,95 @@ def check_sink(q, sink):
     torch._check(sink.device == q.device, lambda: f"sink must be on q's device {q.device}, got {sink.device}")
 
 
+PAGED_BLOCK_MULTIPLE = 16  # paged KV block sizes: positive multiples of this
+PAGED_BACKWARD_ERROR = ("paged KV (block_table) and seqused_k are inference features: there is no "
+                        "backward through attention with block_table or seqused_k (gather the keys "
+                        "into packed k, v to train)")
+
+
+def _check_int32_vector(name, t, shape, q):
+    torch._check(t.dtype == torch.int32, lambda: f"{name} must be int32, got {t.dtype}")
+    torch._check(t.dim() == len(shape) and all(a == b for a, b in zip(t.shape, shape)),
+                 lambda: f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    torch._check(t.device == q.device, lambda: f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def check_paged_kv(q, k, v, cu_seqlens_q, cu_seqlens_k_padded, block_table, seqused_k, num_splits=0):
+    """Shapes of attention_forward's paged-KV arguments (the CPU kernel's check_paged, with its
+    messages) -> (k3, v3): k and v when packed, else (num_blocks, nheads_k, headdim) views of
+    the caches' first slots, which stand in for k and v in check_attention_shapes."""
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q.dim() == 1 else -1
+    torch._check(num_splits >= 0, lambda: f"num_splits must be >= 0 (0 = heuristic), got {num_splits}")
+    if seqused_k is not None:
+        _check_int32_vector("seqused_k", seqused_k, (batch,), q)
+    if block_table is None:
+        return k, v
+    torch._check(block_table.dtype == torch.int32, lambda: f"block_table must be int32, got {block_table.dtype}")
+    torch._check(block_table.dim() == 2 and block_table.shape[0] == batch,
+                 lambda: f"block_table must be (batch, max_blocks) with batch = {batch}, got shape "
+                 f"{tuple(block_table.shape)}")
+    torch._check(block_table.device == q.device,
+                 lambda: f"block_table must be on q's device {q.device}, got {block_table.device}")
+    for name, t in (("k", k), ("v", v)):
+        torch._check(t.dim() == 4, lambda: f"with a block_table, {name} must be a cache (num_blocks, "
+                     f"block_size, nheads_k, headdim), got shape {tuple(t.shape)}")
+    torch._check(v.shape[0] == k.shape[0] and v.shape[1] == k.shape[1],
+                 lambda: f"v must be (num_blocks, block_size, nheads_k, headdim_v) with k's first two dims "
+                 f"{tuple(k.shape[:2])}, got {tuple(v.shape)}")
+    block_size = k.shape[1]
+    torch._check(block_size > 0 and block_size % PAGED_BLOCK_MULTIPLE == 0,
+                 lambda: f"paged KV block_size (k.shape[1]) must be a positive multiple of "
+                 f"{PAGED_BLOCK_MULTIPLE}, got {block_size}")
+    torch._check(cu_seqlens_k_padded is None,
+                 lambda: "cu_seqlens_k_padded must be None with a block_table (keys live in the cache's blocks)")
+    return k[:, 0], v[:, 0]
+
+
+def check_kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=None, block_table=None):
+    """Shapes of kvcache_append's arguments (the CPU kernel's, with its messages)."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+        torch._check(t.dim() == 4, lambda: f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    torch._check(v_cache.shape[0] == k_cache.shape[0] and v_cache.shape[1] == k_cache.shape[1]
+                 and v_cache.shape[2] == k_cache.shape[2],
+                 lambda: f"v_cache must have k_cache's first three dims {tuple(k_cache.shape[:3])}, got "
+                 f"{tuple(v_cache.shape)}")
+    batch = k.shape[0]
+    torch._check(v.shape[0] == batch and v.shape[1] == k.shape[1],
+                 lambda: f"v must be (batch, seqlen_new, nheads_k, headdim_v) with k's first two dims "
+                 f"{tuple(k.shape[:2])}, got {tuple(v.shape)}")
+    torch._check(k.shape[2] == k_cache.shape[2] and k.shape[3] == k_cache.shape[3],
+                 lambda: f"k must have k_cache's (nheads_k, headdim) {tuple(k_cache.shape[2:])}, got "
+                 f"{tuple(k.shape[2:])}")
+    torch._check(v.shape[3] == v_cache.shape[3],
+                 lambda: f"v must have v_cache's headdim_v {v_cache.shape[3]}, got {v.shape[3]}")
+    for name, t in (("v_cache", v_cache), ("k", k), ("v", v)):
+        torch._check(t.dtype == k_cache.dtype, lambda: f"{name} must have k_cache's dtype {k_cache.dtype}, got {t.dtype}")
+    for name, t in (("v_cache", v_cache), ("k", k), ("v", v)):
+        torch._check(t.device == k_cache.device,
+                     lambda: f"{name} must be on k_cache's device {k_cache.device}, got {t.device}")
+    _check_int32_vector("cache_seqlens", cache_seqlens, (batch,), k_cache)
+    if cache_batch_idx is not None:
+        torch._check(block_table is None, lambda: "cache_batch_idx is not supported with a block_table "
+                     "(as in flash-attn): index the block_table's rows instead")
+        _check_int32_vector("cache_batch_idx", cache_batch_idx, (batch,), k_cache)
+    if block_table is not None:
+        torch._check(block_table.dtype == torch.int32, lambda: f"block_table must be int32, got {block_table.dtype}")
+        torch._check(block_table.dim() == 2 and block_table.shape[0] == batch,
+                     lambda: f"block_table must be (batch, max_blocks) with batch = {batch}, got shape "
+                     f"{tuple(block_table.shape)}")
+        torch._check(block_table.device == k_cache.device,
+                     lambda: f"block_table must be on k_cache's device {k_cache.device}, got {block_table.device}")
+        torch._check(k_cache.shape[1] > 0 and k_cache.shape[1] % PAGED_BLOCK_MULTIPLE == 0,
+                     lambda: f"paged KV block_size (k_cache.shape[1]) must be a positive multiple of "
+                     f"{PAGED_BLOCK_MULTIPLE}, got {k_cache.shape[1]}")
+
+
+@torch.library.register_fake("varlen::kvcache_append")
+def _kvcache_append_fake(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx=None, block_table=None):
+    check_kvcache_append(k_cache, v_cache, k, v, cache_seqlens, cache_batch_idx, block_table)
+    return None
+
+
 def _check_like(name, t, shape, dtype, q):
     """t has this shape, dtype and q's device (the CPU kernel's check_like)."""
     shape = tuple(shape)
@@ -136,7 +225,9 @@ def _attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
                             softmax_scale, window_left=-1, window_right=-1, softcap=0.0,
                             alibi_slopes=None, cu_seqlens_q_padded=None, cu_seqlens_k_padded=None,
                             dropout_p=0.0, rng_state=None, deterministic=False, q_descale=None,
-                            k_descale=None, v_descale=None, backend=None, sink=None):
+                            k_descale=None, v_descale=None, backend=None, sink=None,
+                            block_table=None, seqused_k=None, num_splits=0):
+    k, v = check_paged_kv(q, k, v, cu_seqlens_q, cu_seqlens_k_padded, block_table, seqused_k, num_splits)
     check_attention_shapes(q, k, v, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
                            cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state,
                            q_descale, k_descale, v_descale)

@@ -461,6 +461,92 @@ void check_backend(const std::optional<c10::string_view>& backend) {
               "got '", std::string(*backend), "'");
 }
 
+// ------------------------------------------------------------------ paged KV / seqused_k
+
+// Shapes, as meta/attention.py::check_paged_kv (same messages).
+void check_paged_shapes(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                        const OptTensor& cu_k_pad, const OptTensor& block_table,
+                        const OptTensor& seqused_k, int64_t num_splits) {
+  const int64_t batch = cu_q.dim() == 1 ? cu_q.size(0) - 1 : -1;
+  TORCH_CHECK(num_splits >= 0, "num_splits must be >= 0 (0 = heuristic), got ", num_splits);
+  if (seqused_k) {
+    TORCH_CHECK(seqused_k->scalar_type() == at::kInt, "seqused_k must be int32, got ",
+                py_dtype(seqused_k->scalar_type()));
+    TORCH_CHECK(seqused_k->dim() == 1 && seqused_k->size(0) == batch, "seqused_k must have shape (",
+                batch, ",), got ", py_tuple(seqused_k->sizes()));
+    TORCH_CHECK(seqused_k->device() == q.device(), "seqused_k must be on q's device ", q.device(),
+                ", got ", seqused_k->device());
+  }
+  if (!block_table) return;
+  const Tensor& bt = *block_table;
+  TORCH_CHECK(bt.scalar_type() == at::kInt, "block_table must be int32, got ", py_dtype(bt.scalar_type()));
+  TORCH_CHECK(bt.dim() == 2 && bt.size(0) == batch, "block_table must be (batch, max_blocks) with batch = ",
+              batch, ", got shape ", py_tuple(bt.sizes()));
+  TORCH_CHECK(bt.device() == q.device(), "block_table must be on q's device ", q.device(), ", got ", bt.device());
+  for (auto [name, t] : {std::pair<const char*, const Tensor*>{"k", &k}, {"v", &v}})
+    TORCH_CHECK(t->dim() == 4, "with a block_table, ", name, " must be a cache (num_blocks, block_size, "
+                "nheads_k, headdim), got shape ", py_tuple(t->sizes()));
+  TORCH_CHECK(v.size(0) == k.size(0) && v.size(1) == k.size(1),
+              "v must be (num_blocks, block_size, nheads_k, headdim_v) with k's first two dims ",
+              py_tuple(k.sizes().slice(0, 2)), ", got ", py_tuple(v.sizes()));
+  TORCH_CHECK(k.size(1) > 0 && k.size(1) % 16 == 0,
+              "paged KV block_size (k.shape[1]) must be a positive multiple of 16, got ", k.size(1));
+  TORCH_CHECK(!cu_k_pad, "cu_seqlens_k_padded must be None with a block_table (keys live in the cache's blocks)");
+}
+
+// Paged KV or seqused_k on the CPU: the keys each sequence reads, gathered into packed k, v
+// (one copy of the used keys, then the packed kernel runs unchanged). Checks every value read:
+// lengths >= 0; packed rows inside k; paged lengths within the block table and the block ids
+// of the used blocks inside the cache. Messages start with the CUDA device asserts' text
+// (kernels/checks.py). Returns (k, v, cu_seqlens_k) of the packed keys.
+std::tuple<Tensor, Tensor, Tensor> gather_keys(const Tensor& k, const Tensor& v, const Tensor& cu_k_in,
+                                               const OptTensor& cu_k_pad, const OptTensor& block_table,
+                                               const OptTensor& seqused_k) {
+  const bool paged = block_table.has_value();
+  const int64_t total_k = paged ? std::numeric_limits<int64_t>::max() : k.size(0);
+  const SeqLayout lay = check_cu_values("cu_seqlens_k", cu_k_in, paged ? std::nullopt : cu_k_pad, "k", total_k);
+  const int64_t batch = lay.cu.size(0) - 1;
+  const int32_t* cu = lay.cu.data_ptr<int32_t>();
+  const int32_t* st = lay.start.data_ptr<int32_t>();
+  const Tensor used = seqused_k ? seqused_k->contiguous() : Tensor();
+  std::vector<int64_t> rows;
+  std::vector<int32_t> cu_out{0};
+  const Tensor bt = paged ? block_table->contiguous() : Tensor();
+  const int64_t bs = paged ? k.size(1) : 1, nb = k.size(0), max_blocks = paged ? bt.size(1) : 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t len = used.defined() ? int64_t(used.data_ptr<int32_t>()[b]) : int64_t(cu[b + 1]) - cu[b];
+    TORCH_CHECK(len >= 0, "seqused_k must be >= 0: seqused_k[", b, "] = ", len);
+    if (paged) {
+      TORCH_CHECK(len <= max_blocks * bs, "paged KV: a sequence's key count exceeds the block_table's "
+                  "capacity max_blocks * block_size: sequence ", b, " has ", len, " keys, capacity ",
+                  max_blocks, " * ", bs, " = ", max_blocks * bs);
+      const int32_t* ids = bt.data_ptr<int32_t>() + b * max_blocks;
+      for (int64_t j = 0; j < len; ++j) {
+        const int64_t id = ids[j / bs];
+        TORCH_CHECK(id >= 0 && id < nb, "paged KV: block_table holds a block id outside [0, num_blocks): "
+                    "block_table[", b, ", ", j / bs, "] = ", id, " with num_blocks = ", nb);
+        rows.push_back(id * bs + j % bs);
+      }
+    } else {
+      TORCH_CHECK(int64_t(st[b]) + len <= k.size(0), "seqused_k: a sequence's keys [start, start + seqused_k) "
+                  "lie beyond k.shape[0]: sequence ", b, " reads rows [", st[b], ", ", st[b] + len,
+                  ") of ", k.size(0));
+      for (int64_t j = 0; j < len; ++j) rows.push_back(st[b] + j);
+    }
+    TORCH_CHECK(int64_t(cu_out.back()) + len <= std::numeric_limits<int32_t>::max(),
+                "the sequences' key counts must sum to less than 2^31");
+    cu_out.push_back(int32_t(cu_out.back() + len));
+  }
+  const Tensor idx = at::tensor(rows, at::TensorOptions().dtype(at::kLong));
+  const Tensor cu_k = at::tensor(cu_out, at::TensorOptions().dtype(at::kInt));
+  if (!paged) return {k.index_select(0, idx), v.index_select(0, idx), cu_k};
+  // (num_blocks * block_size, nheads_k, headdim) views of the caches (a copy only for caches
+  // whose block and slot strides do not merge)
+  const Tensor kf = k.reshape({k.size(0) * bs, k.size(2), k.size(3)});
+  const Tensor vf = v.reshape({v.size(0) * bs, v.size(2), v.size(3)});
+  return {kf.index_select(0, idx), vf.index_select(0, idx), cu_k};
+}
+
 std::tuple<Tensor, Tensor> attention_forward_cpu(
     const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& cu_seqlens_q,
     const Tensor& cu_seqlens_k, c10::SymInt /*max_seqlen_q*/, c10::SymInt /*max_seqlen_k*/,
@@ -468,8 +554,21 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
     const OptTensor& alibi_slopes, const OptTensor& cu_seqlens_q_padded,
     const OptTensor& cu_seqlens_k_padded, double dropout_p, const OptTensor& rng_state,
     bool /*deterministic*/, const OptTensor& q_descale, const OptTensor& k_descale,
-    const OptTensor& v_descale, std::optional<c10::string_view> backend, const OptTensor& sink_in) {
+    const OptTensor& v_descale, std::optional<c10::string_view> backend, const OptTensor& sink_in,
+    const OptTensor& block_table, const OptTensor& seqused_k, int64_t num_splits) {
   check_backend(backend);
+  check_paged_shapes(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k_padded, block_table, seqused_k, num_splits);
+  if (block_table || seqused_k) {
+    // the 3-D shape checks first (on (num_blocks, nheads_k, headdim) views of a cache)
+    const Tensor k3 = block_table ? k_in.select(1, 0) : k_in, v3 = block_table ? v_in.select(1, 0) : v_in;
+    check_shapes(q_in, k3, v3, cu_seqlens_q, cu_seqlens_k, alibi_slopes, cu_seqlens_q_padded,
+                 cu_seqlens_k_padded, window_left, window_right, softcap, dropout_p, rng_state);
+    auto [k, v, cu_k] = gather_keys(k_in, v_in, cu_seqlens_k, cu_seqlens_k_padded, block_table, seqused_k);
+    return attention_forward_cpu(q_in, k, v, cu_seqlens_q, cu_k, 0, 0, softmax_scale, window_left,
+                                 window_right, softcap, alibi_slopes, cu_seqlens_q_padded, std::nullopt,
+                                 dropout_p, rng_state, false, q_descale, k_descale, v_descale, backend,
+                                 sink_in, std::nullopt, std::nullopt, 0);
+  }
   const Prepared pr = prepare(q_in, k_in, v_in, cu_seqlens_q, cu_seqlens_k, alibi_slopes,
                               cu_seqlens_q_padded, cu_seqlens_k_padded, window_left, window_right,
                               softcap, dropout_p, rng_state);
@@ -482,7 +581,8 @@ std::tuple<Tensor, Tensor> attention_forward_cpu(
         dequantize(pr.q, q_descale, pr.lq, hk), dequantize(pr.k, k_descale, pr.lk, hk),
         dequantize(pr.v, v_descale, pr.lk, hk), cu_seqlens_q, cu_seqlens_k, 0, 0, softmax_scale,
         window_left, window_right, softcap, alibi_slopes, cu_seqlens_q_padded, cu_seqlens_k_padded,
-        dropout_p, rng_state, false, std::nullopt, std::nullopt, std::nullopt, backend, sink_in);
+        dropout_p, rng_state, false, std::nullopt, std::nullopt, std::nullopt, backend, sink_in,
+        std::nullopt, std::nullopt, 0);
     return {out.to(at::kBFloat16), lse};
   }
   const Tensor &q = pr.q, &k = pr.k, &v = pr.v;
