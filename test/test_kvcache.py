@@ -344,7 +344,7 @@ def test_interp_kvcache_matches_reference(case, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_kvcache_matches_reference(case, dtype):
     for splits in (0, 1, 3):
-        check_case(case, "cuda", dtype, tol=3e-2, num_splits=splits)
+        check_case(case, "cuda", dtype, tol=6e-2 if dtype == torch.bfloat16 else 1e-2, num_splits=splits)
 
 
 @requires_cuda

@@ -408,9 +408,9 @@ def _attention_fwd_kernel(
     dropout_scale = _to_acc(dropout_scale, ACC)
     t = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
-    OUT += split * stride_os
-    LSE += split * stride_ls
+    split = tl.program_id(2)
+    OUT += split.to(tl.int64) * stride_os
+    LSE += split.to(tl.int64) * stride_ls
     hk = h // group
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
