@@ -163,7 +163,11 @@ def varlen_attention_forward(
     """transformers attention function: query (B, H, Sq, D), key/value (B, Hk, Sk, D|Dv).
 
     Returns ``(attn_output (B, Sq, H, Dv), None)``. ``attention_mask`` is the 2-D (B, Sk)
-    padding mask that ``varlen_attention_mask`` passes through, or None. Causality comes from
+    padding mask that ``varlen_attention_mask`` passes through, or None. With a cache (dynamic,
+    static or sliding-window) the keys outnumber the queries; a static cache's unwritten slots
+    are False in the mask, and the queries are the newest slots (see ``_attend_padded``), so
+    ``generate()`` works with every cache and compiles its static-cache decode step with
+    fullgraph=True and no recompilation. Causality comes from
     ``is_causal`` or ``module.is_causal``; ``sliding_window`` w lets a query see the w keys
     up to and including itself, as in transformers' masks. ``s_aux`` (H,) (gpt-oss's learnable
     sinks) becomes ``sink`` (cast to float32, differentiably).
