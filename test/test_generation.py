@@ -90,6 +90,7 @@ def test_generate_matches_eager(device, mode):
     model = tiny_decoder(device)
     ids, mask = left_padded_batch(device)
     ref = generate(model, "eager", ids, mask, "static" if mode == "static_compiled" else mode)
+    torch._dynamo.reset()  # count this test's compiles only, from a fresh Dynamo
     counters.clear()
     got = generate(model, "varlen", ids, mask, mode)
     assert_same_generation(got, ref, device)
@@ -138,6 +139,7 @@ def test_compiled_decode_no_graph_break_no_recompile(device):
 
     model = tiny_decoder(device)
     config = compile_config(backend=recording_backend)
+    torch._dynamo.reset()
     counters.clear()
     for seed, lengths in ((1, LENGTHS), (2, (2, 7, 7, 4))):  # new prompts and padding, same shapes
         ids, mask = left_padded_batch(device, lengths=lengths, seed=seed)
@@ -148,6 +150,24 @@ def test_compiled_decode_no_graph_break_no_recompile(device):
     assert len(graphs) == 1 and not counters["graph_break"]
     assert {"varlen.unpad_capacity", "varlen.attention_forward", "varlen.pad"} <= traced_ops(graphs)
     assert "varlen.unpad" not in traced_ops(graphs)  # only static-capacity unpadding: no data-dependent shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sliding_window_decode_compiles_as_sdpa(device):
+    # transformers' StaticSlidingWindowLayer keeps a Python int (cumulative_length_int) that
+    # Dynamo guards on, so its decode step compiles twice (the second time with the int
+    # dynamic) whatever the attention; varlen adds no compile of its own.
+    graphs = {}
+    for impl in ("sdpa", "varlen"):
+        model = tiny_decoder(device, sliding_window=4)
+        ids, mask = left_padded_batch(device)
+        ref = generate(model, "eager", ids, mask, "static")
+        torch._dynamo.reset()  # forget what the other run taught Dynamo (which ints are dynamic)
+        counters.clear()
+        got = generate(model, impl, ids, mask, "static_compiled", compile_config=compile_config("aot_eager"))
+        graphs[impl] = counters["stats"]["unique_graphs"]
+        assert_same_generation(got, ref, device)
+    assert graphs["varlen"] == graphs["sdpa"] <= 2
 
 
 def test_unsupported_generation_errors():
