@@ -112,7 +112,7 @@ def _packed_boundaries(batch, q_len, k_len, device, kwargs):
 def _attend_padded(q, k, v, attention_mask, options):
     """(B, S, H, D) q/k/v with a (B, Sk) key mask -> (B, Sq, H, Dv), padded rows zero.
 
-    Sq == Sk: query i is key slot i (no cache, or a prefill that fills a static cache).
+    Sq == Sk: query i is key slot i (no cache, or a first forward with a dynamic cache).
     Sq < Sk (decoding with a cache): the queries are the Sq slots that end at the last slot
     valid in any row, L. With a dynamic cache L = Sk; with a static cache the mask is padded
     to the cache capacity (``varlen_attention_mask``) and L is the number of slots written so
