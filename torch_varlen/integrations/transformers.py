@@ -36,8 +36,12 @@ token-budget steps that compile and capture as CUDA graphs.
 Not supported (a clear error, never a silent fallback): attention weights
 (``output_attentions``), custom mask functions
 (``or_mask_function`` / ``and_mask_function``) and 4-D masks; the unpadded encoder also
-refuses decoders, cross-attention, caches and ``head_mask``. Tested with transformers 5.17
-and 5.24.
+refuses decoders, cross-attention, caches and ``head_mask``.
+
+Generation: ``generate()`` works with the dynamic cache and with static caches
+(``cache_implementation="static"``, also under transformers' compiled decode): the mask is padded
+to the cache capacity and keys are unpadded with a static capacity, so decode steps keep their
+shapes and compile once. Left padding only. Tested with transformers 5.17 and 5.24.
 """
 
 from __future__ import annotations
