@@ -9,8 +9,9 @@ Implementations (`impl` in the rows), all measured in one run, interleaved pass 
                 seqused_k, page_table for the paged cache, num_splits=0 (its heuristic; plain
                 call if that kwarg is refused). Rows say "fa4: not installed" when it does not
                 import (TORCH_VARLEN_FA4_SITE: a site-packages directory to add).
-  sdpa          torch.nn.functional.scaled_dot_product_attention, flash backend on CUDA, on the
-                contiguous cache viewed (B, Hk, L, D) (no copy). Every sequence of a timed config
+  sdpa          torch.nn.functional.scaled_dot_product_attention on CUDA's flash backend
+                (memory-efficient as the fallback, never math), on the contiguous cache viewed
+                (B, Hk, L, D) (no copy). Every sequence of a timed config
                 has the same length, so no mask is needed. GQA: the G = H / Hk query heads of a
                 kv head are folded into the query length, q (B, Hk, G, D): exact for one
                 non-causal query per sequence, and what enable_gqa would compute.
@@ -253,7 +254,8 @@ def _sdpa_call(q, k, v, scale):
     b, _, h, d = q.shape
     hk = k.shape[2]
     qf = q.reshape(b, hk, h // hk, d)  # query head h = kv head * G + g
-    backends = [SDPBackend.FLASH_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
+    # flash first; never the math backend on CUDA (it would materialise the scores)
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if q.is_cuda else [SDPBackend.MATH]
     with sdpa_kernel(backends):
         out = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), scale=scale)
     return out.reshape(b, 1, h, d)
@@ -287,10 +289,10 @@ class FA4:
     """flash_attn.cute's flash_attn_varlen_func in decode form, or the reason it is missing."""
 
     def __init__(self, device):
-        self.fn, self.version = (None, FA4_MISSING) if device.type != "cuda" else load_fa4()
+        self.fn, self.version = (None, "not loaded on the CPU") if device.type != "cuda" else load_fa4()
+        self.import_error = None
         if self.fn is None:
-            self.reason = FA4_MISSING
-            self.version = None
+            self.import_error, self.version = self.version, None
         self.kwargs = {"num_splits": 0}
 
     def call(self, case: Case, paged: bool):
@@ -671,7 +673,7 @@ def main(argv=None):
 
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "torch": torch.__version__, "triton": triton_version, "cuda": torch.version.cuda,
-            "fa4": fa4.version, "python": platform.python_version(), "commit": git_commit(),
+            "fa4": fa4.version, "fa4_import_error": fa4.import_error, "python": platform.python_version(), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(sys.argv[1:] if argv is None else argv), "smoke": args.smoke,
             "spin_us": None if spin_us is None else round(spin_us, 1), "copy_GBps": round(copy_gbps, 1), "read_GBps": round(read_gbps, 1), "method": METHOD,
