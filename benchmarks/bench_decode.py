@@ -137,6 +137,11 @@ class Timer:
         return start.elapsed_time(end) * 1e3, host
 
 
+def sig(x, digits=4):
+    """x rounded to `digits` significant digits (tiny CPU smoke rates stay nonzero)."""
+    return float(f"{x:.{digits}g}")
+
+
 def stats(times):
     med = statistics.median(times)
     return {"median_us": round(med, 2), "best_us": round(min(times), 2),
@@ -441,8 +446,8 @@ def decode_rows(case: Case, heads, block_size, fa4, verdict, timer, passes, copy
         else:
             st, host = res[key]
             gbps = kv / (st["median_us"] * 1e-6) / 1e9
-            row.update(st, host_us=host, kv_GBps=round(gbps, 1), of_copy=round(gbps / copy_gbps, 4),
-                       of_read=round(gbps / read_gbps, 4), status="ok")
+            row.update(st, host_us=host, kv_GBps=sig(gbps), of_copy=sig(gbps / copy_gbps),
+                       of_read=sig(gbps / read_gbps), status="ok")
             if ref_out is not None and key != ("sdpa", "contiguous", 0):
                 row["max_abs_diff_vs_sdpa"] = round((fn().float() - ref_out).abs().max().item(), 5)
         rows.append(row)
