@@ -360,7 +360,7 @@ def check_impls(heads, dims, dtype, device, block_size, fa4: FA4, smoke):
     return verdict
 
 
-def check_prefill(dims, dtype, device, block_size, smoke):
+def check_prefill(heads, dims, dtype, device, block_size, smoke):
     """Paged and packed prefill (causal) vs the float64 reference on 2 sequences."""
     lengths = [40, 23] if smoke else [300, 517]
     p = Prefill(lengths, *dims, dtype, device, block_size, seed=7)
@@ -374,7 +374,7 @@ def check_prefill(dims, dtype, device, block_size, smoke):
             verdict[layout] = None if err <= bound else f"refused: max err {err:.3g} > bound {bound:.3g}"
         except Exception as e:
             verdict[layout] = f"refused: {type(e).__name__}: {str(e).strip()[:200]}"
-        print(f"  check prefill {layout:10s}: {verdict[layout] or 'ok'} (bound {bound:.3g})", flush=True)
+        print(f"  check {heads} prefill {layout:10s}: {verdict[layout] or 'ok'} (bound {bound:.3g})", flush=True)
     return verdict
 
 
@@ -623,7 +623,7 @@ def main(argv=None):
     for heads in args.heads:
         dims = (*head_table[heads], headdim)
         verdicts[heads] = check_impls(heads, dims, dtype, device, args.block_size, fa4, args.smoke)
-        pre_verdicts[heads] = check_prefill(dims, dtype, device, args.block_size, args.smoke)
+        pre_verdicts[heads] = check_prefill(heads, dims, dtype, device, args.block_size, args.smoke)
 
     pb, pq = args.prefill
     for heads in args.heads:
