@@ -1092,8 +1092,12 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
     cfg = _config("fwd", q, v3, window_left, window_right, config)
     block_m, block_n = cfg["block_m"], cfg["block_n"]
     grid = c.grid(total_q, block_m, c.nheads)
-    key_capacity = block_table.shape[1] * k.shape[1] if paged else k.shape[0]
-    splits = _num_splits(num_splits, q, c.batch, grid[0] * grid[1], key_capacity)
+    # Keys one sequence may have, from shapes: a page table's span, else the packed keys'
+    # average (a (B, S) cache reshaped to B * S rows gives S). Busy programs: with short query
+    # runs most of grid[0]'s cdiv(total_q, block_m) + batch tiles are empty; about one a sequence.
+    key_capacity = block_table.shape[1] * k.shape[1] if paged else -(-k.shape[0] // max(c.batch, 1))
+    busy = min(grid[0], max(1, min(c.batch, total_q))) * grid[1]
+    splits = _num_splits(num_splits, q, c.batch, busy, key_capacity)
     if splits > 1:  # partial (out, lse) per split in the compute dtype, merged below
         out = _new(q.new_empty, c.padded_q, (splits, total_q, c.nheads, v.shape[-1]), dtype=c.acc_dtype)
         lse = q.new_empty((splits, c.nheads, total_q), dtype=c.acc_dtype)
@@ -1159,8 +1163,8 @@ def _sm_count(index: int) -> int:
 def _num_splits(requested: int, q, batch: int, programs: int, key_capacity: int) -> int:
     """Split-KV parts of a forward: ``requested`` when > 0. The heuristic (0) splits only on a
     GPU, for short query runs (at most 16 query rows per sequence on average, as in decoding)
-    whose programs do not fill the GPU, over long key ranges (key_capacity: keys a sequence may
-    have, read from shapes only): about 2 programs per SM, at least 1024 keys per split, at most
+    whose busy programs do not fill the GPU, over long key ranges (key_capacity: keys a sequence
+    may have, read from shapes only): about 2 programs per SM, at least 1024 keys per split, at most
     32 splits. Shapes only, so CUDA graphs and compiled steps keep one launch config."""
     if requested > 0:
         return int(requested)
