@@ -7,18 +7,24 @@ min, max; CUDA events on GPUs, perf_counter on the CPU), every rank reporting it
 
   single           rank 0 alone: varlen_attention of the whole batch (forward; forward+backward)
   ring             context_parallel_attention on every rank (forward; forward+backward)
-  ring_compute     the ring's attention calls alone, on K/V gathered beforehand (no messages)
+  allgather        the same with mode="allgather" (one all-gather of K and V instead of the ring)
+  ring_compute     the ring's attention calls alone, on K/V gathered beforehand (no messages);
+                   the all-gather mode runs the same calls
   ring_comm        the ring's K/V exchanges alone (the same messages, no attention)
+  allgather_comm   the all-gather mode's two all-gathers alone
   ring_flash_attn  zigzag_ring_flash_attn_varlen_func on the same local rows (only if importable)
 
 comm_share = ring_comm / (ring_comm + ring_compute); exposed_comm_ms = ring - ring_compute
-(the part of the messages the attention did not hide).
+(the part of the messages the attention did not hide); the same for allgather with
+allgather_comm. On the CPU each process gets cpu_count // world_size threads.
 
 Usage:
   python benchmarks/bench_context_parallel.py [--out benchmarks/results/context_parallel.json]
       (spawns one process per visible GPU; NCCL)
   torchrun --nproc-per-node 8 benchmarks/bench_context_parallel.py
   python benchmarks/bench_context_parallel.py --smoke   (tiny batch, 2 CPU processes, gloo)
+  python benchmarks/bench_context_parallel.py --cpu --world-size 4 --lengths 2048,512,512 --out ...
+      (CPU processes, gloo, the smoke config's heads with these lengths)
 The results file is rewritten: {"meta": {...}, "rows": [{"bench": "context_parallel", ...}]}.
 """
 
@@ -43,7 +49,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 import torch_varlen  # noqa: E402
-from torch_varlen.distributed import ContextParallelPlan, _Ring, context_parallel_attention  # noqa: E402
+from torch_varlen.distributed import ContextParallelPlan, _Gather, _Ring, context_parallel_attention  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "context_parallel.json"
 FULL = dict(lengths=[131072, 32768, 32768] + [8192] * 8, heads=16, heads_k=16, headdim=128, dtype="bfloat16")
@@ -113,13 +119,29 @@ def ring_parts(q, k, v, plan, ring, scale):
     return compute, comm
 
 
+def allgather_comm(k, v, plan, comm):
+    """The all-gather mode's messages alone: the all-gathers of K and V."""
+    def comm_fn():
+        if comm.world_size > 1 and comm.rows:
+            (rk, _), (rv, _) = comm.all_gather(k), comm.all_gather(v)
+            rk.wait()
+            rv.wait()
+    return comm_fn
+
+
+def on_gpu(args):
+    return torch.cuda.is_available() and not (args.smoke or args.cpu)
+
+
 def worker(rank, world_size, args, port=None):
+    if not on_gpu(args):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     if port is not None:  # own spawn
-        backend = "nccl" if torch.cuda.is_available() and not args.smoke else "gloo"
+        backend = "nccl" if on_gpu(args) else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=600))
     else:  # torchrun
-        dist.init_process_group("nccl" if torch.cuda.is_available() and not args.smoke else "gloo")
+        dist.init_process_group("nccl" if on_gpu(args) else "gloo")
     try:
         _run(rank, world_size, args)
     finally:
@@ -127,9 +149,10 @@ def worker(rank, world_size, args, port=None):
 
 
 def _run(rank, world_size, args):
-    cfg = SMOKE if args.smoke else FULL
-    device = torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() and not args.smoke \
-        else torch.device("cpu")
+    cfg = dict(SMOKE if args.smoke or args.cpu else FULL)
+    if args.lengths:
+        cfg["lengths"] = [int(x) for x in args.lengths.split(",")]
+    device = torch.device("cuda", rank % torch.cuda.device_count()) if on_gpu(args) else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dtype = getattr(torch, cfg["dtype"])
@@ -164,22 +187,31 @@ def _run(rank, world_size, args):
     dist.barrier()
     nl = plan.num_local_tokens(rank)
     q, k, v = rnd(nl, H, D), rnd(nl, Hk, D), rnd(nl, Hk, D)
-    cp = lambda: context_parallel_attention(q, k, v, plan, causal=args.causal)  # noqa: E731
-    ring_stats = measure(cp, device, W, P)
+    modes = ("ring", "allgather")
+    cp_stats = {}
+    for mode in modes:  # each mode with its own warm-up, on the same inputs
+        cp = lambda mode=mode: context_parallel_attention(q, k, v, plan, causal=args.causal, mode=mode)  # noqa: E731
+        cp_stats[mode] = measure(cp, device, W, P)
     compute, comm = ring_parts(q, k, v, plan, _Ring(None, rank, world_size), D ** -0.5)
-    comp_stats, comm_stats = measure(compute, device, W, P), measure(comm, device, W, P)
-    total = comp_stats["median_ms"] + comm_stats["median_ms"]
-    row("ring", "fwd", ring_stats,
-        comm_share=round(comm_stats["median_ms"] / total, 4) if total else 0.0,
-        exposed_comm_ms=round(max(0.0, ring_stats["median_ms"] - comp_stats["median_ms"]), 4))
+    comp_stats = measure(compute, device, W, P)
+    gather = _Gather(None, rank, world_size, plan)
+    comm_stats = {"ring": measure(comm, device, W, P),
+                  "allgather": measure(allgather_comm(k, v, plan, gather), device, W, P)}
+    for mode in modes:
+        total = comp_stats["median_ms"] + comm_stats[mode]["median_ms"]
+        row(mode, "fwd", cp_stats[mode],
+            comm_share=round(comm_stats[mode]["median_ms"] / total, 4) if total else 0.0,
+            exposed_comm_ms=round(max(0.0, cp_stats[mode]["median_ms"] - comp_stats["median_ms"]), 4))
     row("ring_compute", "fwd", comp_stats)
-    row("ring_comm", "fwd", comm_stats, bytes_sent=int(2 * (world_size - 1) * nl * Hk * D * q.element_size()))
+    row("ring_comm", "fwd", comm_stats["ring"], bytes_sent=int(2 * (world_size - 1) * nl * Hk * D * q.element_size()))
+    row("allgather_comm", "fwd", comm_stats["allgather"],
+        bytes_received=int(2 * (world_size - 1) * gather.rows * Hk * D * q.element_size()))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-
-    def cp_fwd_bwd():
-        out = context_parallel_attention(qg, kg, vg, plan, causal=args.causal)
-        out.backward(torch.ones_like(out))
-    row("ring", "fwd_bwd", measure(cp_fwd_bwd, device, W, P))
+    for mode in modes:
+        def cp_fwd_bwd(mode=mode):
+            out = context_parallel_attention(qg, kg, vg, plan, causal=args.causal, mode=mode)
+            out.backward(torch.ones_like(out))
+        row(mode, "fwd_bwd", measure(cp_fwd_bwd, device, W, P))
     try:  # the same zigzag layout, when every length divides into 2W chunks
         from ring_flash_attn import zigzag_ring_flash_attn_varlen_func
         local_cu = plan.local_cu_seqlens(rank)
@@ -197,7 +229,8 @@ def _run(rank, world_size, args):
         all_rows = [r for rs in gathered for r in rs]
         meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 "torch": torch.__version__, "lengths": lengths, "warmup": W, "passes": P,
-                "smoke": args.smoke, "split_min_len": plan.split_min_len}
+                "smoke": args.smoke, "split_min_len": plan.split_min_len,
+                "threads": torch.get_num_threads() if device.type == "cpu" else None}
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"meta": meta, "rows": all_rows}, indent=1) + "\n")
@@ -211,6 +244,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--smoke", action="store_true", help="tiny batch on CPU processes (gloo)")
+    p.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even with GPUs present; "
+                   "the smoke config's heads and dtype")
+    p.add_argument("--lengths", default=None, help="comma-separated document lengths (replaces the config's)")
     p.add_argument("--world-size", type=int, default=None,
                    help="processes to spawn (default: the GPUs present; 2 with --smoke)")
     p.add_argument("--warmup", type=int, default=2)
@@ -224,7 +260,7 @@ def main():
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
         return
-    world_size = args.world_size or (2 if args.smoke or not torch.cuda.is_available() else torch.cuda.device_count())
+    world_size = args.world_size or (torch.cuda.device_count() if on_gpu(args) else 2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

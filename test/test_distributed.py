@@ -182,7 +182,11 @@ def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 
 
+MODES = ("ring", "allgather")
+
+
 def _case_attention(name, rank, world_size, device, group=None):
+    """``attention/<case>``: both modes against one single-process reference."""
     c = ATTN_CASES[name.split("/")[1]]
     g = torch.Generator().manual_seed(1000 + c.seed)
     lengths = list(c.lengths)
@@ -201,30 +205,32 @@ def _case_attention(name, rank, world_size, device, group=None):
                                split_min_len=c.split_min_len)
     idx = plan.local_indices(rank)
 
-    def sharded(q, k, v):
-        res = context_parallel_attention(q, k, v, plan, group=group, return_lse=c.return_lse, **kw)
-        return res if c.return_lse else (res, torch.zeros(c.heads, q.shape[0], dtype=torch.float64))
+    def sharded(mode):
+        def fn(q, k, v):
+            res = context_parallel_attention(q, k, v, plan, group=group, return_lse=c.return_lse, mode=mode, **kw)
+            return res if c.return_lse else (res, torch.zeros(c.heads, q.shape[0], dtype=torch.float64))
+        return fn
 
     ref = _attention_grads(q, k, v, go, gl, single, c.return_lse)
     ref_local = (ref[0][idx], ref[1][:, idx], ref[2][idx], ref[3][idx], ref[4][idx])
     local = lambda t: t[idx].to(dtype)  # noqa: E731
-    got = _attention_grads(local(q), local(k), local(v), go[idx], gl[:, idx], sharded, c.return_lse)
     names = ("out", "lse", "dq", "dk", "dv")
-    if not c.return_lse:
-        got, ref_local, names = got[:1] + got[2:], ref_local[:1] + ref_local[2:], names[:1] + names[2:]
-    if dtype == torch.float64:
-        for nm, a, b in zip(names, got, ref_local):
-            assert a.dtype == torch.float64, nm
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {nm}: {m}")
-        return
-    low = _attention_grads(q.to(dtype), k.to(dtype), v.to(dtype), go, gl, single, c.return_lse)
-    low_local = (low[0][idx], low[1][:, idx], low[2][idx], low[3][idx], low[4][idx])
-    if not c.return_lse:
-        low_local = low_local[:1] + low_local[2:]
-    for nm, a, lo, b in zip(names, got, low_local, ref_local):  # the 2x rule against float64
-        assert a.dtype == (torch.float32 if nm == "lse" else dtype), nm
-        assert _max_err(a, b) <= 2 * _max_err(lo, b) + 1e-6, \
-            f"{name} {nm}: error {_max_err(a, b):.3g} > 2 x single-process {_max_err(lo, b):.3g} + 1e-6"
+    keep = (lambda ts: ts) if c.return_lse else (lambda ts: ts[:1] + ts[2:])  # noqa: E731
+    ref_local, names = keep(ref_local), keep(names)
+    if dtype != torch.float64:
+        low = _attention_grads(q.to(dtype), k.to(dtype), v.to(dtype), go, gl, single, c.return_lse)
+        low_local = keep((low[0][idx], low[1][:, idx], low[2][idx], low[3][idx], low[4][idx]))
+    for mode in MODES:
+        got = keep(_attention_grads(local(q), local(k), local(v), go[idx], gl[:, idx], sharded(mode), c.return_lse))
+        if dtype == torch.float64:
+            for nm, a, b in zip(names, got, ref_local):
+                assert a.dtype == torch.float64, nm
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name} {mode} {nm}: {m}")
+            continue
+        for nm, a, lo, b in zip(names, got, low_local, ref_local):  # the 2x rule against float64
+            assert a.dtype == (torch.float32 if nm == "lse" else dtype), nm
+            assert _max_err(a, b) <= 2 * _max_err(lo, b) + 1e-6, \
+                f"{name} {mode} {nm}: error {_max_err(a, b):.3g} > 2 x single-process {_max_err(lo, b):.3g} + 1e-6"
 
 
 # ---------------------------------------------------------------- data-parallel training
@@ -356,10 +362,12 @@ def _case_fsdp2(name, rank, world_size, device):
 
 def _case_cp_2d_mesh(name, rank, world_size, device):
     """Data x context parallelism on a 2-D DeviceMesh: each data shard's packed rows are split
-    over its context group by a plan; DDP averages gradients over all ranks."""
+    over its context group by a plan; DDP averages gradients over all ranks. ``cp_2d_mesh/allgather``:
+    the same with the all-gather mode (its collectives on the context subgroup)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    mode = name.split("/")[1] if "/" in name else "ring"
     dp, cp = 2, world_size // 2
     mesh = init_device_mesh("cpu", (dp, cp), mesh_dim_names=("dp", "cp"))
     dp_rank, cp_rank, cp_group = mesh.get_local_rank("dp"), mesh.get_local_rank("cp"), mesh.get_group("cp")
@@ -378,7 +386,7 @@ def _case_cp_2d_mesh(name, rank, world_size, device):
         plan = ContextParallelPlan(cu, cp, causal=True, split_min_len=0)
 
         def attend(q, k, v):
-            return context_parallel_attention(q, k, v, plan, group=cp_group, causal=True)
+            return context_parallel_attention(q, k, v, plan, group=cp_group, causal=True, mode=mode)
 
         out = step_fn(plan.shard(x, cp_rank), attend)
         # DDP divides by dp * cp; the context ranks' losses add up to their shard's loss
@@ -401,7 +409,7 @@ class Packed(torch.nn.Module):
 
 def _jobs(world_size, device):
     attn = [f"attention/{n}" for n in ATTN_CASES]
-    extra = {2: ["mismatched_plan", "ddp", "fsdp2"], 4: ["cp_2d_mesh"]}.get(world_size, [])
+    extra = {2: ["mismatched_plan", "ddp", "fsdp2"], 4: ["cp_2d_mesh", "cp_2d_mesh/allgather"]}.get(world_size, [])
     return {"all": attn + extra, "attention": attn, "hang": ["hang"]}
 
 
@@ -447,8 +455,9 @@ def test_fsdp2_matches_single_process():
     check_case(2, "fsdp2")
 
 
-def test_context_parallel_on_2d_mesh_matches_single_process():
-    check_case(4, "cp_2d_mesh")
+@pytest.mark.parametrize("case", ["cp_2d_mesh", "cp_2d_mesh/allgather"])
+def test_context_parallel_on_2d_mesh_matches_single_process(case):
+    check_case(4, case)
 
 
 def test_hung_peer_fails_within_limit():
@@ -462,7 +471,7 @@ def test_hung_peer_fails_within_limit():
 def test_attention_world_size_1_cuda():
     results = spawn(1, "attention", backend="nccl", device="cuda")
     failed = {k: v for k, v in results.items() if v}
-    assert not failed and len(results) == len(ATTN_CASES), failed or results
+    assert not failed and len(results) == len(ATTN_CASES), failed or results  # each case runs both modes
 
 
 # ---------------------------------------------------------------- merge_attention_partials
@@ -614,13 +623,15 @@ def test_plan_is_deterministic_and_balanced():
 # ---------------------------------------------------------------- one rank without a group, bad inputs
 
 
+@pytest.mark.parametrize("mode", ["ring", "allgather"])
 @pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_world_size_1_needs_no_process_group(device):
+def test_world_size_1_needs_no_process_group(device, mode):
     lengths = [3, 0, 9, 1]
     cu = cu_seqlens(lengths, device)
     q, k, v = (torch.randn(13, h, 8, dtype=torch.float64, device=device, requires_grad=True) for h in (4, 2, 2))
     plan = ContextParallelPlan(cu, 1, causal=True, window_size=(3, -1))
-    out, lse = context_parallel_attention(q, k, v, plan, causal=True, window_size=(3, -1), return_lse=True)
+    out, lse = context_parallel_attention(q, k, v, plan, causal=True, window_size=(3, -1), return_lse=True,
+                                          mode=mode)
     ref, ref_lse = torch_varlen.varlen_attention(q, k, v, cu, cu, 9, 9, causal=True, window_size=(3, -1))
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
@@ -658,11 +669,12 @@ def test_plan_bad_inputs_raise():
         ContextParallelPlan(cu, 2).shard(torch.zeros(4, 2), 0)
 
 
-def test_attention_bad_inputs_raise():
+@pytest.mark.parametrize("mode", ["ring", "allgather"])
+def test_attention_bad_inputs_raise(mode):
     cu = torch.tensor([0, 3, 5], dtype=torch.int32)
     plan = ContextParallelPlan(cu, 1, causal=True)
     q, k = torch.randn(5, 2, 8), torch.randn(5, 1, 8)
-    call = lambda **kw: context_parallel_attention(q, k, k, plan, **{"causal": True, **kw})  # noqa: E731
+    call = lambda **kw: context_parallel_attention(q, k, k, plan, **{"causal": True, "mode": mode, **kw})  # noqa: E731
     call()
     for name, value in (("dropout_p", 0.1), ("alibi_slopes", torch.ones(2)), ("sink", torch.zeros(2)),
                         ("cu_seqlens_q_padded", cu), ("cu_seqlens_k_padded", cu), ("q_descale", torch.ones(1)),
@@ -690,7 +702,9 @@ def test_attention_bad_inputs_raise():
     with pytest.raises(ValueError, match="softcap must be >= 0"):
         call(softcap=-1.0)
     with pytest.raises(ValueError, match="torch.distributed is not initialized and the plan is for 2 ranks"):
-        context_parallel_attention(q, k, k, ContextParallelPlan(cu, 2), causal=False)
+        context_parallel_attention(q, k, k, ContextParallelPlan(cu, 2), causal=False, mode=mode)
+    with pytest.raises(ValueError, match="mode must be 'ring' or 'allgather', got 'all_gather'"):
+        call(mode="all_gather")
 
 
 def test_bench_context_parallel_smoke(tmp_path):
@@ -708,6 +722,8 @@ def test_bench_context_parallel_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {r["bench"] for r in rows} == {"context_parallel"}
     assert {(r["impl"], r["pass"]) for r in rows} >= {("single", "fwd"), ("single", "fwd_bwd"), ("ring", "fwd"),
-                                                      ("ring", "fwd_bwd"), ("ring_compute", "fwd"), ("ring_comm", "fwd")}
+                                                      ("ring", "fwd_bwd"), ("ring_compute", "fwd"), ("ring_comm", "fwd"),
+                                                      ("allgather", "fwd"), ("allgather", "fwd_bwd"),
+                                                      ("allgather_comm", "fwd")}
     assert {r["rank"] for r in rows} == {0, 1}
     assert all(r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["passes"] == 3 for r in rows)

@@ -20,6 +20,10 @@ partial (out, lse) are merged by torch_varlen.merge.merge_attention_partials. Th
 runs the same ring: torch.ops.varlen.attention_backward with the merged out and lse gives each
 block's dq, dk, dv; dq stays, the dk/dv accumulator travels with its K/V and gets home after W
 passes.
+
+``mode="allgather"`` replaces the ring's messages by collectives: each rank all-gathers K and V
+(padded to the largest rank's rows), runs the same blocks against every source rank's rows, and
+the backward reduce-scatters the dK/dV of all sources back to their owners.
 """
 
 from __future__ import annotations
@@ -347,6 +351,34 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _forward_blocks(q, k, v, calls, out_acc, lse_acc, opts):
+    """Attention of the local queries against one source rank's K/V rows, block by block (the
+    plan's calls for that pair of ranks), merged into the running ``(out_acc, lse_acc)``."""
+    for c in calls:
+        o, l = _ops.attention_forward(
+            q, k, v, c.cu_q, c.cu_k, c.max_q, c.max_k, opts["softmax_scale"],
+            window_left=c.left, window_right=c.right, softcap=opts["softcap"],
+            cu_seqlens_q_padded=c.cu_q_padded, cu_seqlens_k_padded=c.cu_k_padded,
+            deterministic=opts["deterministic"], backend=opts["backend"])
+        out_acc, lse_acc = merge_attention_partials([out_acc, o], [lse_acc, l])
+    return out_acc, lse_acc
+
+
+def _backward_blocks(grad_out, q, k, v, out, lse, grad_lse, calls, opts):
+    """The blocks of ``_forward_blocks``, backward with the merged out and lse: a list of
+    (dq, dk, dv), dq over the local queries, dk/dv over the source rank's rows."""
+    return [_ops.attention_backward(
+        grad_out, q, k, v, out, lse, c.cu_q, c.cu_k, c.max_q, c.max_k,
+        opts["softmax_scale"], window_left=c.left, window_right=c.right,
+        softcap=opts["softcap"], cu_seqlens_q_padded=c.cu_q_padded,
+        cu_seqlens_k_padded=c.cu_k_padded, deterministic=opts["deterministic"],
+        grad_lse=grad_lse, backend=opts["backend"]) for c in calls]
+
+
+def _out_lse(q, out_acc, lse_acc):
+    return out_acc.to(q.dtype), lse_acc.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
 # A torch.autograd.Function, not an op with register_autograd (DESIGN.md rule 3): the ring's
 # communication is not a torch.library op, and the forward/backward are loops over ops
 # (attention_forward, attention_backward) and torch.distributed calls. Under torch.compile the
@@ -365,18 +397,12 @@ class _RingAttention(torch.autograd.Function):
                 n = plan.num_local_tokens((src - 1) % W)
                 nxt = (k.new_empty((n,) + k.shape[1:]), v.new_empty((n,) + v.shape[1:]))
                 reqs = ring.exchange((kk, vv), nxt)
-            for c in plan._block_calls(rank, src, q.device):
-                o, l = _ops.attention_forward(
-                    q, kk, vv, c.cu_q, c.cu_k, c.max_q, c.max_k, opts["softmax_scale"],
-                    window_left=c.left, window_right=c.right, softcap=opts["softcap"],
-                    cu_seqlens_q_padded=c.cu_q_padded, cu_seqlens_k_padded=c.cu_k_padded,
-                    deterministic=opts["deterministic"], backend=opts["backend"])
-                out_acc, lse_acc = merge_attention_partials([out_acc, o], [lse_acc, l])
+            out_acc, lse_acc = _forward_blocks(q, kk, vv, plan._block_calls(rank, src, q.device),
+                                               out_acc, lse_acc, opts)
             _wait(reqs)
             if nxt is not None:
                 kk, vv = nxt
-        out = out_acc.to(q.dtype)
-        lse = lse_acc.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        out, lse = _out_lse(q, out_acc, lse_acc)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.ring, ctx.opts = plan, ring, opts
         ctx.set_materialize_grads(False)
@@ -402,14 +428,8 @@ class _RingAttention(torch.autograd.Function):
                 n = plan.num_local_tokens((src - 1) % W)
                 nxt = (k.new_empty((n,) + k.shape[1:]), v.new_empty((n,) + v.shape[1:]))
                 kv_reqs = ring.exchange((kk, vv), nxt)
-            blocks = []
-            for c in plan._block_calls(rank, src, q.device):
-                blocks.append(_ops.attention_backward(
-                    grad_out, q, kk, vv, out, lse, c.cu_q, c.cu_k, c.max_q, c.max_k,
-                    opts["softmax_scale"], window_left=c.left, window_right=c.right,
-                    softcap=opts["softcap"], cu_seqlens_q_padded=c.cu_q_padded,
-                    cu_seqlens_k_padded=c.cu_k_padded, deterministic=opts["deterministic"],
-                    grad_lse=grad_lse, backend=opts["backend"]))
+            blocks = _backward_blocks(grad_out, q, kk, vv, out, lse, grad_lse,
+                                      plan._block_calls(rank, src, q.device), opts)
             _wait(dkv_reqs)  # the accumulator for src, sent by the previous rank last step
             for bq, bk, bv in blocks:
                 dq += bq
@@ -428,6 +448,114 @@ class _RingAttention(torch.autograd.Function):
         return dq.to(q.dtype), dkk.to(k.dtype), dvv.to(v.dtype), None, None, None
 
 
+# ---------------------------------------------------------------- the all-gather
+
+
+class _Gather:
+    """Collectives of one process group for the all-gather mode (nothing for 1 rank). Ranks may
+    hold different row counts: every buffer is padded to the plan's largest rank, ``rows``."""
+
+    def __init__(self, group, rank, world_size, plan):
+        self.group, self.rank, self.world_size = group, rank, world_size
+        self.counts = [plan.num_local_tokens(r) for r in range(world_size)]
+        self.rows = max(self.counts)
+
+    def all_gather(self, t):
+        """Post the all-gather of this rank's rows ``t`` (n, *) -> (request, (W, rows, *))."""
+        send = t.contiguous()
+        if send.shape[0] != self.rows:
+            send = t.new_zeros((self.rows,) + t.shape[1:])
+            send[: t.shape[0]] = t
+        out = t.new_empty((self.world_size * self.rows,) + t.shape[1:])
+        ag = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13
+        req = ag(out, send, group=self.group, async_op=True)
+        return req, out.unflatten(0, (self.world_size, self.rows))
+
+    def reduce_scatter(self, t):
+        """Post the sum over ranks of ``t`` (W, rows, *) -> (request, this rank's (rows, *))."""
+        out = t.new_empty(t.shape[1:])
+        rs = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # torch < 2.13
+        return rs(out, t.flatten(0, 1), group=self.group, async_op=True), out
+
+
+def _sources(rank, W):
+    """Source ranks in the ring's order: the local K/V first, so that the collective of the other
+    ranks' rows overlaps with the attention over the local ones."""
+    return [(rank - step) % W for step in range(W)]
+
+
+class _AllGatherAttention(torch.autograd.Function):
+    """Every rank gathers all K/V rows (one all-gather each for K and V), runs the plan's blocks
+    of its queries against every source rank's rows, and in the backward sends each block's
+    dK/dV home with one reduce-scatter each. The gathered K/V (W x the local rows, where the
+    ring holds 2x) are not kept for the backward, which gathers again."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, comm, opts):
+        rank, W = comm.rank, comm.world_size
+        out_acc = q.new_zeros(q.shape[:2] + v.shape[2:], dtype=_acc_dtype(q.dtype))
+        lse_acc = q.new_full(q.shape[1::-1], float("-inf"), dtype=_acc_dtype(q.dtype))
+        kv = _AllGatherAttention._gather(comm, k, v)
+        for src in _sources(rank, W):
+            ks, vs = kv(src)
+            out_acc, lse_acc = _forward_blocks(q, ks, vs, plan._block_calls(rank, src, q.device),
+                                               out_acc, lse_acc, opts)
+        out, lse = _out_lse(q, out_acc, lse_acc)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.comm, ctx.opts = plan, comm, opts
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def _gather(comm, k, v):
+        """src -> that rank's (K, V) rows; the local ones at once, the others after the
+        all-gathers (posted here, waited for on the first remote source)."""
+        if comm.world_size == 1 or comm.rows == 0:
+            return lambda src: (k, v)
+        (rk, gk), (rv, gv) = comm.all_gather(k), comm.all_gather(v)
+        pending = [rk, rv]
+
+        def get(src):
+            if src == comm.rank:
+                return k, v
+            while pending:
+                pending.pop().wait()
+            n = comm.counts[src]
+            return gk[src, :n], gv[src, :n]
+        return get
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, comm, opts = ctx.plan, ctx.comm, ctx.opts
+        rank, W = comm.rank, comm.world_size
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+        acc = _acc_dtype(q.dtype)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        # dK/dV of every source rank's rows, padded to comm.rows like the gathered K/V
+        dk = torch.zeros((W, comm.rows) + k.shape[1:], dtype=acc, device=k.device)
+        dv = torch.zeros((W, comm.rows) + v.shape[1:], dtype=acc, device=v.device)
+        kv = _AllGatherAttention._gather(comm, k, v)
+        for src in _sources(rank, W):
+            ks, vs = kv(src)
+            n = comm.counts[src]
+            for bq, bk, bv in _backward_blocks(grad_out, q, ks, vs, out, lse, grad_lse,
+                                               plan._block_calls(rank, src, q.device), opts):
+                dq += bq
+                dk[src, :n] += bk
+                dv[src, :n] += bv
+        n = comm.counts[rank]
+        if W > 1 and comm.rows:
+            (rk, dk), (rv, dv) = comm.reduce_scatter(dk), comm.reduce_scatter(dv)
+            rk.wait()
+            rv.wait()
+            dk, dv = dk[:n], dv[:n]
+        else:
+            dk, dv = dk[0, :n], dv[0, :n]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+
+
 # varlen_attention options the ring does not support, with the reason given in the error
 _UNSUPPORTED = {
     "dropout_p": "dropout (the mask is keyed by positions inside each kernel call, which differ per rank)",
@@ -444,7 +572,7 @@ _UNSUPPORTED = {
 def context_parallel_attention(q, k, v, plan: ContextParallelPlan, *, group=None, causal: bool = False,
                                softmax_scale: Optional[float] = None, window_size: Sequence[int] = (-1, -1),
                                softcap: float = 0.0, return_lse: bool = False, deterministic: bool = False,
-                               backend: Optional[str] = None, **unsupported):
+                               backend: Optional[str] = None, mode: str = "ring", **unsupported):
     """This rank's rows of ``varlen_attention`` of the whole (self-attention) packed batch.
 
     Args:
@@ -459,6 +587,13 @@ def context_parallel_attention(q, k, v, plan: ContextParallelPlan, *, group=None
             query i of a sequence sees key j when ``j <= i`` with causal, within the window).
         return_lse: also return lse (H, n_local), float32 (float64 for float64 inputs).
         deterministic, backend: passed to the attention ops.
+        mode: how the K/V rows reach the queries; both give the same result.
+            ``"ring"`` (default): W-1 point-to-point steps, each overlapped with the attention
+            over the K/V received last; memory 2x the local K/V.
+            ``"allgather"``: one all-gather of K and of V (overlapped with the attention over the
+            local rows), then the attention over every rank's rows; the backward gathers again
+            and sends dK/dV home with one reduce-scatter each. Fewer, larger messages (less
+            latency per step) for W x the local K/V in memory: meant for small worlds.
 
     Returns ``out`` (n_local, H, Dv), or ``(out, lse)``; differentiable in q, k and v (and
     through lse). Every rank of the group must call it with its rows (possibly none). Dropout,
@@ -473,6 +608,8 @@ def context_parallel_attention(q, k, v, plan: ContextParallelPlan, *, group=None
                                       f"({_UNSUPPORTED[name]})")
     if not isinstance(plan, ContextParallelPlan):
         raise TypeError(f"plan must be a ContextParallelPlan, got {type(plan).__name__}")
+    if mode not in ("ring", "allgather"):
+        raise ValueError(f"mode must be 'ring' or 'allgather', got {mode!r}")
     if _normalize_window(causal, window_size) != plan.window or bool(causal) != plan.causal:
         raise ValueError(f"causal={causal}, window_size={tuple(window_size)} differ from the plan's "
                          f"causal={plan.causal}, window_size={plan.window_size}: make the plan with "
@@ -504,5 +641,8 @@ def context_parallel_attention(q, k, v, plan: ContextParallelPlan, *, group=None
         "softmax_scale": float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale),
         "softcap": float(softcap), "deterministic": bool(deterministic), "backend": backend,
     }
-    out, lse = _RingAttention.apply(q, k, v, plan, _Ring(group, rank, world_size), opts)
+    if mode == "ring":
+        out, lse = _RingAttention.apply(q, k, v, plan, _Ring(group, rank, world_size), opts)
+    else:
+        out, lse = _AllGatherAttention.apply(q, k, v, plan, _Gather(group, rank, world_size, plan), opts)
     return (out, lse) if return_lse else out
