@@ -272,16 +272,20 @@ def _device(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     p.add_argument("--tests", default=str(ROOT / ".fa" / "tests" / "test_flash_attn.py"))
-    p.add_argument("--per-function", type=int, default=6, help="parameter sets drawn per test function")
+    p.add_argument("--per-function", type=int, default=4, help="parameter sets drawn per test function")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="flash_attn_tests.json")
-    p.add_argument("--time-budget", type=float, default=170.0,
-                   help="seconds for the whole run; tests not started by then are skipped")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--time-budget", type=float, default=145.0,
+                   help="seconds from the start; tests not started by then are skipped (the run "
+                        "ends by about --time-budget + --timeout)")
+    p.add_argument("--timeout", type=float, default=30.0,
                    help="per-test limit (pytest-timeout, when installed)")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--dropout", action=argparse.BooleanOptionalAction, default=True,
                    help="also sample dropout_p > 0 (S_dmask through the float64 reference)")
+    p.add_argument("--backend", default="torch_varlen",
+                   help="TORCH_VARLEN_ATTENTION_BACKEND for the run (the stand-in shadows the real "
+                        "flash_attn, so FA4's flash_attn.cute could not load anyway)")
     p.add_argument("--max-seqlen", type=int, default=0, help="skip ids with a longer seqlen (0: no limit)")
     p.add_argument("--max-headdim", type=int, default=0, help="skip ids with a larger d (0: no limit)")
     p.add_argument("--functions", nargs="*", default=CLAIMED, help="subset of the claimed functions")
@@ -301,13 +305,13 @@ def main(argv=None):
         results = Path(tmp) / "results.jsonl"
         results.touch()
         sample = {"functions": args.functions, "per_function": args.per_function, "seed": args.seed,
-                  "dropout": args.dropout, "max_seqlen": args.max_seqlen,
+                  "dropout": args.dropout, "backend": args.backend, "max_seqlen": args.max_seqlen,
                   "max_headdim": args.max_headdim, "collected_out": str(collected)}
         pytest_args = ["-q", "-rN", "--tb=line", "-o", "console_output_style=classic", str(target)]
         if _has_timeout_plugin():
             pytest_args += ["--timeout", str(args.timeout)]
-        env = _env({"FA_SAMPLE": json.dumps(sample), "FA_RESULTS_OUT": str(results),
-                    "FA_BUDGET_END": str(start + args.time_budget)}, tmp)
+        env = _env({"TORCH_VARLEN_ATTENTION_BACKEND": args.backend, "FA_SAMPLE": json.dumps(sample),
+                    "FA_RESULTS_OUT": str(results), "FA_BUDGET_END": str(start + args.time_budget)}, tmp)
         try:
             r = _pytest(pytest_args, env, target.parent, timeout=args.time_budget + 2 * args.timeout + 60)
             tail = (r.stdout[-3000:] + r.stderr[-3000:]).strip()
@@ -360,6 +364,7 @@ def main(argv=None):
         "seed": args.seed,
         "per_function": args.per_function,
         "dropout": args.dropout,
+        "backend": args.backend,
         "sampled": len(nodeids),
         "passed": sum(v["passed"] for v in report.values()),
         "failed": failed,
