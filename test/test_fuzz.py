@@ -2,8 +2,9 @@
 
 Properties, on random packed batches (lengths 0, 1, at the tile edges 15/16/17 ... 127/128/129
 and a few long ones), GQA, head-dim pairs from 5 to 256, every dtype, and causal / window /
-softcap / ALiBi / dropout / padded cu_seqlens / rows after the last sequence / a gradient of
-softmax_lse in random combinations:
+softcap / ALiBi / dropout / learnable sinks / padded cu_seqlens / rows after the last sequence /
+a gradient of softmax_lse in random combinations (sinks: not in the FP8 and interpreter slices;
+the sink logits are inputs here, their gradient is test_sinks.py's):
 
 - attention forward and backward against reference.attention in float64 with DESIGN.md's rule
   err(kernel) <= 2 * err(reference in the same dtype) + atol (test_attention_triton._check,
@@ -157,6 +158,7 @@ class AttnExample:
     descales: tuple = (None, None, None)  # FP8 q/k/v descale: None, "tensor" (1,), "head" (B, Hk)
     fp8_pv: Optional[bool] = None  # FP8 on Triton: force P @ V in FP8 (True) / float16 (False)
     launchers: bool = False  # call the Triton launchers directly (the interpreter slice)
+    sink: bool = False  # learnable sink logits (head 0's -inf when there are two heads or more)
     seed: int = 0  # torch.manual_seed before the inputs are drawn
 
     @property
@@ -200,6 +202,10 @@ class AttnExample:
             lines.append(f"kwargs['alibi_slopes'] = (torch.rand(nheads) * 0.5 + 0.05).to({where})")
         elif self.alibi == "batch":
             lines.append(f"kwargs['alibi_slopes'] = (torch.rand(len(lengths_q), nheads) * 0.5 + 0.05).to({where})")
+        if self.sink:
+            lines += ["kwargs['sink'] = (torch.randn(nheads, dtype=torch.float64) * 1.5).to(",
+                      "    torch.float64 if dtype == torch.float64 else torch.float32).to(device)",
+                      "kwargs['sink'][0] = -float('inf') if nheads > 1 else kwargs['sink'][0]  # a head without a sink"]
         if self.pads_q is not None:
             lines.append("kwargs['cu_seqlens_q_padded'] = cu_seqlens([n + p for n, p in zip(lengths_q, pads_q)])")
         if self.pads_k is not None:
@@ -246,7 +252,7 @@ class AttnExample:
                                  ("pads_q", self.pads_q is not None), ("pads_k", self.pads_k is not None),
                                  (f"tail={self.tail_q},{self.tail_k}", self.tail_q or self.tail_k),
                                  (f"scale={self.softmax_scale}", self.softmax_scale is not None),
-                                 ("no_lse_grad", not self.lse_grad), (f"fp8_pv={self.fp8_pv}", self.fp8_pv is not None),
+                                 ("no_lse_grad", not self.lse_grad), ("sink", self.sink), (f"fp8_pv={self.fp8_pv}", self.fp8_pv is not None),
                                  ("launchers", self.launchers)) if on]
         return (f"attention {self.dtype} on {self.device}, lengths_q {list(self.lengths_q)}, lengths_k "
                 f"{list(self.lengths_k)}, heads {self.nheads}/{self.nheads_k}, dims {self.headdim}/{self.headdim_v}"
@@ -744,12 +750,13 @@ class KernelKey:
     pad: str = ""  # "q", "k", "qk": cu_seqlens_*_padded
     descales: tuple = (None, None, None)
     fp8_pv: Optional[bool] = None
+    sink: bool = False
 
     def __str__(self):
         parts = [self.dtype.replace("float8_e4m3fn", "fp8").replace("bfloat", "bf").replace("float", "fp"),
                  f"d{self.headdim}-{self.headdim_v}", f"h{self.nheads_k * self.group}-{self.nheads_k}", self.mask]
         parts += [n for n, on in (("softcap", self.softcap), (f"alibi_{self.alibi}", self.alibi),
-                                  ("dropout", self.dropout), (f"pad_{self.pad}", self.pad),
+                                  ("dropout", self.dropout), (f"pad_{self.pad}", self.pad), ("sink", self.sink),
                                   ("fp8pv" if self.fp8_pv else "fp16pv", self.fp8_pv is not None)) if on]
         if self.dtype == FP8:
             parts.append("desc_" + "".join({None: "n", "tensor": "t", "head": "h"}[d] for d in self.descales))
@@ -782,7 +789,8 @@ def kernel_keys(draw, dtypes, dims, p: Profile):
         draw(st.sampled_from([None, "head", "batch"])), (not fp8) and draw(st.booleans()),
         draw(st.sampled_from(["", "q", "k", "qk"])),
         tuple(draw(st.sampled_from([None, "tensor", "head"])) for _ in range(3)) if fp8 else (None, None, None),
-        draw(st.sampled_from([None, True, False])) if fp8 and p is INTERP else None)
+        draw(st.sampled_from([None, True, False])) if fp8 and p is INTERP else None,
+        (not fp8) and p is not INTERP and draw(st.booleans()))  # the launchers' argument list has no sink
 
 
 @st.composite
@@ -816,7 +824,7 @@ def attention_examples(draw, key: KernelKey, p: Profile, device: str, launchers:
         tail_q=_rare(draw, st.integers(1, p.tail_max), 0), tail_k=_rare(draw, st.integers(1, p.tail_max), 0),
         softmax_scale=_rare(draw, st.sampled_from([0.05, 0.3, 1.0]), None),
         lse_grad=key.dtype == FP8 or draw(st.booleans()), descales=key.descales, fp8_pv=key.fp8_pv,
-        launchers=launchers, seed=draw(st.integers(0, 2**31 - 1)))
+        launchers=launchers, sink=key.sink, seed=draw(st.integers(0, 2**31 - 1)))
 
 
 # Head-dim pairs per dtype on the GPU: mostly small and odd-ish multiples of 8, the tile
@@ -838,6 +846,7 @@ def _gpu_keys():
     """One key per (dtype, head-dim pair), the rest of each key from a fixed-seed draw; mask kinds
     and padded layouts rotate so that every one meets every dtype."""
     rng = random.Random(20240611)
+    sinks = random.Random(20261203)  # its own stream, so that adding sinks left the other draws as they were
     keys, i = [], 0
     for dtype, dims in GPU_DIMS.items():
         fp8 = dtype == FP8
@@ -847,7 +856,8 @@ def _gpu_keys():
                 softcap=rng.random() < 0.4, alibi=rng.choice([None, None, "head", "batch"]),
                 dropout=not fp8 and rng.random() < 0.4, pad=("", "q", "k", "qk")[(i // 3) % 4],
                 descales=tuple(rng.choice([None, "tensor", "head"]) for _ in range(3)) if fp8 else (None,) * 3,
-                fp8_pv=(rng.random() < 0.3 or None) if fp8 and max(d, dv) <= 128 else None))
+                fp8_pv=(rng.random() < 0.3 or None) if fp8 and max(d, dv) <= 128 else None,
+                sink=not fp8 and sinks.random() < 0.35))
             i += 1
     return keys
 
@@ -915,7 +925,7 @@ def test_gpu_keys_bound_the_compiles():
         assert {p for k in keys for p in k.pad} == {"q", "k"}, dtype
         assert any(k.group > 1 for k in keys) and any(k.nheads_k > 1 for k in keys), dtype
         if dtype != FP8:
-            assert any(k.dropout for k in keys), dtype
+            assert any(k.dropout for k in keys) and any(k.sink for k in keys), dtype
     fp8 = [k for k in GPU_KEYS if k.dtype == FP8]
     assert {d for k in fp8 for d in k.descales} == {None, "tensor", "head"} and any(k.fp8_pv for k in fp8)
     assert len({str(k) for k in GPU_KEYS}) == len(GPU_KEYS)  # test ids are unique
@@ -1141,7 +1151,7 @@ def example_from_key(key: KernelKey, lengths_q, lengths_k, seed, device="cuda", 
     fields = dict(causal=causal, window=window, softcap=2.0 if key.softcap else 0.0, alibi=key.alibi,
                   dropout_p=0.3 if key.dropout else 0.0, rng=(2**40 + 12345, 6) if key.dropout else (0, 0),
                   pads_q=pads if "q" in key.pad else None, pads_k=pads if "k" in key.pad else None,
-                  descales=key.descales, fp8_pv=key.fp8_pv, seed=seed)
+                  descales=key.descales, fp8_pv=key.fp8_pv, sink=key.sink, seed=seed)
     return AttnExample(device, key.dtype, tuple(lengths_q), tuple(lengths_k), key.nheads_k, key.group, key.headdim,
                        key.headdim_v, **{**fields, **overrides})
 
