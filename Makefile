@@ -23,8 +23,9 @@ $(VENV)/.installed: $(PY) pyproject.toml setup.py CMakeLists.txt requirements-de
 install: $(VENV)/.installed
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
-# The main job: embed demo/corpus_kjv.txt with MiniLM four ways (padded HF in corpus order and
-# length-sorted, torch_varlen unpadded eager and compiled). Options: DEMO_ARGS="--help".
+# The main job: embed demo/corpus_kjv.txt with MiniLM, torch_varlen's PackedEncoder against HF
+# padded (corpus order, length-sorted, compiled) and sentence-transformers, 3 timed passes each.
+# Options: DEMO_ARGS="--help".
 demo: install
 	$(PY) -m pip install -q -r requirements-demo.txt
 	$(PY) demo/minilm_demo.py $(DEMO_ARGS)
