@@ -243,11 +243,14 @@ def test_cuda_graph_replays_without_sync_or_recompile(minilm, cuda_models, compi
 
 @requires_cuda
 def test_cuda_plan_stays_valid_across_runs(minilm, cuda_models):
-    """A plan is device-resident and reusable: two runs of it, interleaved with another plan, agree."""
+    """A plan is device-resident and reusable: two runs of it, interleaved with another plan, agree
+    to float32 rounding. Not bitwise: the segment mean's index_add_ adds with CUDA atomics, in an
+    order that varies between runs (the H200 run of d0a5e95 saw 1.5e-8 on unit-norm embeddings); a
+    stale or overwritten plan would be off by orders of magnitude more."""
     _, tokenizer, _ = minilm
     encoder = PackedEncoder(cuda_models[torch.float16], max_tokens=512)
     first = encoder.plan(tokenizer(corpus_sentences(30), truncation=True, max_length=256)["input_ids"])
     second = encoder.plan(tokenizer(corpus_sentences(9), truncation=True, max_length=256)["input_ids"])
     a = encoder.run(first).clone()
     encoder.run(second)
-    torch.testing.assert_close(encoder.run(first), a, rtol=0, atol=0)
+    torch.testing.assert_close(encoder.run(first), a, rtol=0, atol=1e-6)

@@ -159,7 +159,8 @@ class PackedEncoder:
         for layer in self.model.encoder.layer:
             hidden = _packed_layer(layer, hidden, cu_seqlens, C)
         # segment mean: row r of the result sums the tokens whose pooling row is r; padding
-        # tokens go to row S, which is dropped
+        # tokens go to row S, which is dropped. On CUDA index_add_ adds with atomics, so the
+        # float32 sums (and the embeddings) may differ in their last bits from run to run.
         sums = hidden.new_zeros(S + 1, hidden.shape[1], dtype=torch.float32).index_add_(0, rows, hidden.float())
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(torch.float32)
         pooled = sums[:S] / lengths[:, None]
