@@ -205,7 +205,8 @@ class AttnExample:
         if self.sink:
             lines += ["kwargs['sink'] = (torch.randn(nheads, dtype=torch.float64) * 1.5).to(",
                       "    torch.float64 if dtype == torch.float64 else torch.float32).to(device)",
-                      "kwargs['sink'][0] = -float('inf') if nheads > 1 else kwargs['sink'][0]  # a head without a sink"]
+                      "if nheads > 1:",
+                      "    kwargs['sink'][0] = -float('inf')  # a head without a sink"]
         if self.pads_q is not None:
             lines.append("kwargs['cu_seqlens_q_padded'] = cu_seqlens([n + p for n, p in zip(lengths_q, pads_q)])")
         if self.pads_k is not None:
