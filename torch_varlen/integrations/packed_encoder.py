@@ -25,7 +25,8 @@ How a call runs:
 - **No host read in the step.** Every step's inputs are built on the host up front and copied
   to the device in one transfer; the step (embeddings, every layer through
   ``torch.ops.varlen.attention_forward``, mean pooling as a segment mean over the packed rows,
-  normalisation) reads nothing back. The only synchronisation is the caller reading the result.
+  normalisation) reads nothing back. The segment mean differences float64 prefix sums at
+  ``cu_seqlens``, with no atomics, so the same sentences give bitwise the same embeddings. The only synchronisation is the caller reading the result.
 - **Execution.** ``compile=True`` runs the step under ``torch.compile`` (``fullgraph``, static
   shapes: one graph per bucket); ``cuda_graph=True`` (CUDA only) captures the whole step, per
   bucket, as one ``torch.cuda.CUDAGraph`` with static input/output buffers and replays it, so
@@ -60,8 +61,8 @@ class Plan:
     """A packed, device-resident batch of sentences, ready for ``PackedEncoder.run``.
 
     ``steps``: ``(bucket, offset)`` per step: the step's inputs are
-    ``staged[offset : offset + 3 * bucket + max_sequences + 1]`` (token ids, positions, pooling
-    row of each token, then ``cu_seqlens``). ``rows``: for sentence i, its row in the
+    ``staged[offset : offset + 2 * bucket + max_sequences + 1]`` (token ids, positions, then
+    ``cu_seqlens``). ``rows``: for sentence i, its row in the
     concatenated step outputs (device, int64). ``tokens``: real tokens in the plan.
     """
 
@@ -150,20 +151,23 @@ class PackedEncoder:
     # ------------------------------------------------------------ the step (device only)
 
     def _step(self, staged: torch.Tensor) -> torch.Tensor:
-        """One packed step: int64 ``staged`` (3 * C + S + 1,) -> float32 pooled (S, hidden)."""
+        """One packed step: int64 ``staged`` (2 * C + S + 1,) -> float32 pooled (S, hidden)."""
         S = self.max_sequences
-        C = (staged.shape[0] - S - 1) // 3
-        ids, positions, rows = staged[:C], staged[C : 2 * C], staged[2 * C : 3 * C]
-        cu_seqlens = staged[3 * C :].to(torch.int32)
+        C = (staged.shape[0] - S - 1) // 2
+        ids, positions = staged[:C], staged[C : 2 * C]
+        cu_seqlens = staged[2 * C :]
+        cu_seqlens_i32 = cu_seqlens.to(torch.int32)
         hidden = self.model.embeddings(input_ids=ids[None], position_ids=positions[None])[0]
         for layer in self.model.encoder.layer:
-            hidden = _packed_layer(layer, hidden, cu_seqlens, C)
-        # segment mean: row r of the result sums the tokens whose pooling row is r; padding
-        # tokens go to row S, which is dropped. On CUDA index_add_ adds with atomics, so the
-        # float32 sums (and the embeddings) may differ in their last bits from run to run.
-        sums = hidden.new_zeros(S + 1, hidden.shape[1], dtype=torch.float32).index_add_(0, rows, hidden.float())
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(torch.float32)
-        pooled = sums[:S] / lengths[:, None]
+            hidden = _packed_layer(layer, hidden, cu_seqlens_i32, C)
+        # segment mean: sentence s owns rows cu_seqlens[s]:cu_seqlens[s+1], so its sum is the
+        # difference of two float64 prefix sums. A scan along the rows adds in a fixed order on
+        # every device (index_add_'s CUDA atomics do not), so the embeddings are bitwise
+        # reproducible; float64 keeps the difference exact to far below float32 rounding.
+        prefix = torch.nn.functional.pad(hidden.to(torch.float64).cumsum(0), (0, 0, 1, 0))
+        sums = prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(torch.float64)
+        pooled = (sums / lengths[:, None]).to(torch.float32)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
         return pooled
@@ -173,8 +177,7 @@ class PackedEncoder:
 
         Made outside inference mode, as ``plan``'s are, so that compiled graphs' guards match both."""
         with torch.inference_mode(False):
-            staged = torch.zeros(3 * bucket + self.max_sequences + 1, dtype=torch.int64, device=self.device)
-            staged[2 * bucket : 3 * bucket] = self.max_sequences
+            staged = torch.zeros(2 * bucket + self.max_sequences + 1, dtype=torch.int64, device=self.device)
         return staged
 
     def _graph(self, bucket: int):
@@ -247,14 +250,12 @@ class PackedEncoder:
             total = int(ends[-1])
             bucket = next(b for b in self.buckets if b >= total)
             within = np.arange(total) - np.repeat(ends - step_lengths, step_lengths)  # position in its sentence
-            buf = np.empty(3 * bucket + S + 1, dtype=np.int64)
+            buf = np.empty(2 * bucket + S + 1, dtype=np.int64)
             buf[:total] = flat[np.repeat(starts_np[step], step_lengths) + within]
             buf[total:bucket] = self.pad_token_id
             buf[bucket : bucket + total] = within + self.position_offset
             buf[bucket + total : 2 * bucket] = self.position_offset
-            buf[2 * bucket : 2 * bucket + total] = np.repeat(np.arange(len(step)), step_lengths)
-            buf[2 * bucket + total : 3 * bucket] = S
-            cu = buf[3 * bucket :]
+            cu = buf[2 * bucket :]
             cu[0] = 0
             cu[1 : len(step) + 1] = ends
             cu[len(step) + 1 :] = total
@@ -281,7 +282,7 @@ class PackedEncoder:
         out = torch.empty(len(plan.steps) * S, self.hidden_size, dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for k, (bucket, offset) in enumerate(plan.steps):
-                staged = plan.staged[offset : offset + 3 * bucket + S + 1]
+                staged = plan.staged[offset : offset + 2 * bucket + S + 1]
                 if self.cuda_graph:
                     graph, static_in, static_out = self._graph(bucket)
                     static_in.copy_(staged)
