@@ -235,6 +235,19 @@ def _paged_slots(BT_b, stride_btm, cols, Lk, block_size, max_blocks, num_blocks)
 
 
 @triton.jit
+def _paged_tile(BT_b, stride_btm, n, offs_n, block_size, max_blocks, num_blocks):
+    """Paged KV, a key tile [n, n + BLOCK_N) inside one cache block (block_size a multiple of
+    BLOCK_N, n a multiple of BLOCK_N) and inside the sequence's keys (an unmasked tile):
+    (block id, the tile's slots in it). One table read per tile, and contiguous rows, so the
+    loads are the packed path's. checks.py asserts the table entry and the key count on the
+    device; the clamps only keep a bad entry from ever addressing outside the cache."""
+    j = tl.minimum(n // block_size, max_blocks - 1)
+    blk = tl.load(BT_b + j * stride_btm).to(tl.int64)
+    blk = tl.minimum(tl.maximum(blk, 0), num_blocks - 1)
+    return blk, (n % block_size + offs_n).to(tl.int64)
+
+
+@triton.jit
 def _sequence_lengths(CU_Q, CU_K, b):
     """(cu_seqlens_q[b], Lq, Lk) of sequence b."""
     row0 = tl.load(CU_Q + b)
@@ -297,7 +310,7 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
                          HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASK: tl.constexpr,
                          USE_TMA: tl.constexpr, P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr,
                          POSITIVE_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                         PAGED: tl.constexpr):
+                         PAGED: tl.constexpr, PAGE_TILE: tl.constexpr):
     """Online softmax over key blocks [n_lo, n_hi) of one query tile (see _attention_fwd_kernel).
 
     MASK: these blocks need the window / bounds mask; USE_TMA: load K/V blocks through the
@@ -309,12 +322,16 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
     its (total_k, Hk, Dv) layout);
     POSITIVE_SCALE: softmax_scale > 0 (enables the fused unmasked softmax step);
     PAGED: K / V are caches (num_blocks, block_size, ...) read through the block table row
-    BT_b (every load masked, also in unmasked blocks).
+    BT_b: per key in masked blocks; PAGE_TILE (block_size a multiple of BLOCK_N): unmasked
+    blocks read one table entry and load contiguous rows without a mask, as the packed path.
     """
     for n in range(n_lo, n_hi, BLOCK_N):
         cols = n + offs_n
         krow = (sk + cols).to(tl.int64)
-        if PAGED:
+        if PAGED and PAGE_TILE and not MASK:
+            blk, slot = _paged_tile(BT_b, stride_btm, n, offs_n, block_size, max_blocks, num_blocks)
+            k = _load_rows(k_ptrs0 + blk * stride_kb, slot, 0, stride_kt, offs_d, HEADDIM, BLOCK_D, False)
+        elif PAGED:
             blk, slot, kvalid = _paged_slots(BT_b, stride_btm, cols, Lk, block_size, max_blocks,
                                              num_blocks)
             k = tl.load(k_ptrs0 + (blk * stride_kb + slot * stride_kt)[:, None],
@@ -343,7 +360,9 @@ def _attention_fwd_inner(acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, des
             keep = _dropout_keep(seed, rng_offset, head, row0 + offs_m[:, None], cols[None, :],
                                  threshold)
             p = tl.where(keep, p, 0.0)
-        if PAGED:
+        if PAGED and PAGE_TILE and not MASK:
+            v = _load_rows(v_ptrs0 + blk * stride_vb, slot, 0, stride_vt, offs_dv, HEADDIM_V, BLOCK_DV, False)
+        elif PAGED:
             v = tl.load(v_ptrs0 + (blk * stride_vb + slot * stride_vt)[:, None],
                         mask=kvalid[:, None] & (offs_dv[None, :] < HEADDIM_V), other=0.0)
         elif USE_TMA and not MASK:
@@ -379,7 +398,7 @@ def _attention_fwd_kernel(
     HAS_DESCALE: tl.constexpr, USE_TMA: tl.constexpr, REVERSE: tl.constexpr,
     P_SCALE: tl.constexpr, PV_WIDE: tl.constexpr, POSITIVE_SCALE: tl.constexpr,
     ZERO_TAIL: tl.constexpr, HAS_SINK: tl.constexpr, PAGED: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    PAGE_TILE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
 ):
     """One (query tile, query head) per program.
 
@@ -396,7 +415,8 @@ def _attention_fwd_kernel(
     tl.dot input_precision; ACC: compute dtype of accumulators, softmax statistics, scores and
     the float scalars (float64 for float64 inputs, else float32); PAGED: K / V are caches
     (num_blocks, block_size, nheads_k, d) with strides stride_kb / stride_vb over blocks, key j
-    of sequence b at block BT[b, j // block_size] (block table strides stride_btb, stride_btm).
+    of sequence b at block BT[b, j // block_size] (block table strides stride_btb, stride_btm);
+    PAGE_TILE: block_size is a multiple of BLOCK_N (see _attention_fwd_inner).
 
     Split-KV: program_id(2) is the split s of num_splits: the program visits only the key
     blocks in [s * chunk, (s + 1) * chunk), chunk = the sequence's key blocks / num_splits
@@ -478,21 +498,21 @@ def _attention_fwd_kernel(
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
         HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED, PAGE_TILE)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_a,
         n_c, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
         HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, False, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
+        HAS_DROPOUT, False, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED, PAGE_TILE)
     acc, l_i, m_i = _attention_fwd_inner(
         acc, l_i, m_i, q, k_ptrs0, v_ptrs0, K_DESC, V_DESC, col_k, col_v, sk, total_k, n_c,
         n_end, offs_m, offs_n, offs_d, offs_dv, off, Lq, Lk, window_left, window_right, scale_log2,
         softmax_scale, softcap, slope_log2, seed, rng_offset, threshold, h, row0, stride_kt,
         stride_vt, bt_b, stride_btm, block_size, max_blocks, num_blocks, stride_kb, stride_vb,
         HEADDIM, HEADDIM_V, BLOCK_D, BLOCK_DV, BLOCK_N, HAS_SOFTCAP, HAS_ALIBI,
-        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED)
+        HAS_DROPOUT, True, USE_TMA, P_SCALE, PV_WIDE, POSITIVE_SCALE, DOT_PRECISION, PAGED, PAGE_TILE)
 
     if HAS_SINK:
         # The sink joins the denominator as one more score (log2 units), with no value:
@@ -1144,7 +1164,7 @@ def attention_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seq
                 P_SCALE=256.0 if fp8_pv else 1.0, PV_WIDE=fp8 and not fp8_pv,
                 POSITIVE_SCALE=softmax_scale >= 0,
                 REVERSE=cfg["reverse"], ZERO_TAIL=not c.padded_q, HAS_SINK=sink is not None,
-                PAGED=paged, num_warps=cfg["warps"],
+                PAGED=paged, PAGE_TILE=paged and k.shape[1] % block_n == 0, num_warps=cfg["warps"],
                 num_stages=cfg["stages"], **flags)
     if splits > 1:
         out, lse = merge_attention_partials(list(out.unbind(0)), list(lse.unbind(0)),
