@@ -4,7 +4,13 @@ Implementations (`impl` in the rows), all measured in one run, interleaved pass 
   torch_varlen  ours: torch_varlen.flash_attn_with_kvcache(q, k_cache, v_cache,
                 cache_seqlens=...) on the contiguous cache, and with block_table on the paged
                 one; num_splits=0 (the default heuristic). At batch <= 8 (contiguous) also
-                num_splits=1 (no split), to show what the heuristic buys.
+                num_splits=1 (no split), to show what the heuristic buys. Under GQA it packs
+                the G query heads of a kv head into G query rows (each kv head's keys read
+                once).
+  torch_varlen_per_head  (GQA configs only) the same attention through
+                torch_varlen.flash_attn_varlen_func (q (B, H, D), seqused_k, the cache as
+                packed rows or block_table): no head packing, so each kv head's keys are read
+                by its G query heads' programs; shows what the packing buys.
   fa4           flash_attn.cute.interface.flash_attn_varlen_func called directly: q (B, 1, H, D),
                 seqused_k, page_table for the paged cache, num_splits=0 (its heuristic; plain
                 call if that kwarg is refused). Rows say "fa4: not installed" when it does not
@@ -252,6 +258,21 @@ def ours(case: Case, paged: bool, num_splits: int = 0):
         num_splits=num_splits)
 
 
+def ours_per_head(case: Case, paged: bool):
+    """The decode attention through flash_attn_varlen_func (one program row per query head)
+    -> (B, 1, H, D), as the other implementations."""
+    b, s_c = case.batch, case.cache_len_padded
+    q = case.q.view(b, case.nheads, case.headdim)
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    if paged:
+        k, v, cu_k, extra = case.kp, case.vp, None, dict(block_table=case.block_table)
+    else:
+        k, v = (t.view(b * s_c, case.nheads_k, case.headdim) for t in (case.k, case.v))
+        cu_k, extra = torch.arange(0, (b + 1) * s_c, s_c, dtype=torch.int32, device=q.device), {}
+    return lambda: torch_varlen.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, 1, s_c, softmax_scale=case.scale, seqused_k=case.seqlens, **extra)[:, None]
+
+
 def _sdpa_call(q, k, v, scale):
     """q (B, 1, H, D), k / v (B, L, Hk, D) -> (B, 1, H, D); GQA folded into the query length."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -319,6 +340,8 @@ def impls(case: Case, fa4: FA4, layouts, small_batch_nosplit: bool):
         out[("torch_varlen", layout, 0)] = ours(case, paged)
         if small_batch_nosplit and not paged:
             out[("torch_varlen", layout, 1)] = ours(case, paged, 1)
+        if case.nheads != case.nheads_k:
+            out[("torch_varlen_per_head", layout, 0)] = ours_per_head(case, paged)
         out[("fa4", layout, 0)] = fa4.call(case, paged) if fa4.fn else FA4_MISSING
         out[("sdpa", layout, 0)] = sdpa(case, paged)
     return out

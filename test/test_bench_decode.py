@@ -39,7 +39,9 @@ def test_bench_decode_smoke(tmp_path):
         assert r["of_copy"] > 0 and r["kv_GBps"] > 0
         assert r.get("max_abs_diff_vs_sdpa", 0) < 0.05  # same inputs as SDPA, same answer
     assert {(r["impl"], r["num_splits"]) for r in decode} == {("torch_varlen", 0), ("torch_varlen", 1),
-                                                             ("sdpa", 0), ("fa4", 0)}
+                                                             ("sdpa", 0), ("fa4", 0),
+                                                             ("torch_varlen_per_head", 0)}
+    assert {r["heads"] for r in decode if r["impl"] == "torch_varlen_per_head"} == {"gqa"}
     prefill = [r for r in rows if r["case"] == "prefill"]
     assert sorted((r["heads"], r["layout"]) for r in prefill) == [
         ("gqa", "contiguous"), ("gqa", "paged"), ("mha", "contiguous"), ("mha", "paged")]

@@ -74,6 +74,8 @@ CASES = [
     Case("paged16_causal_rotary_sink", [5, 40, 16, 0], causal=True, rotary_dim=16, block_size=16, sink=True),
     Case("paged32_no_new_kv_alibi_batch", [33, 64], seqlen_new=0, block_size=32, seqlen_cache=64,
          alibi="batch", nheads=4, nheads_k=1),
+    Case("paged16_decode_gqa4_softcap_right_window", [5, 40, 16, 0], block_size=16, nheads=8, nheads_k=2,
+         window_size=(-1, 2), softcap=1.5),
     Case("paged16_speculative4_mqa_window", [3, 25, 60], seqlen_q=4, seqlen_new=4, block_size=16,
          seqlen_cache=64, nheads_k=1, causal=True, window_size=(8, 0), headdim_v=8),
 ]
@@ -205,6 +207,29 @@ def test_kvcache_low_precision_cpu(dtype):
     tol = 2e-5 if dtype == torch.float32 else 3e-2
     for c in (CASES[0], CASES[4]):
         check_case(c, "cpu", dtype, tol=tol)
+
+
+def test_kvcache_gqa_decode_packs_query_heads(monkeypatch):
+    """One query per sequence under GQA: the attention op gets the G query heads of a kv head
+    as G rows of one sequence (Hk heads); a left window, ALiBi, a sink or several queries keep
+    the per-head layout. The results are checked by the reference cases above."""
+    seen = []
+    real = _ops.attention_forward
+
+    def spy(q, *args, **kwargs):
+        seen.append((tuple(q.shape), args[2].tolist()))
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_ops", SimpleNamespace(attention_forward=spy, kvcache_append=_ops.kvcache_append))
+    for c, want in ((Case("gqa", [5, 17, 0], nheads=8, nheads_k=2, causal=True), ((12, 2, 16), [0, 4, 8, 12])),
+                    (Case("mqa", [5, 17], nheads=4, nheads_k=1), ((8, 1, 16), [0, 4, 8])),
+                    (Case("left_window", [5, 17], causal=True, window_size=(3, 0)), ((2, 4, 16), [0, 1, 2])),
+                    (Case("alibi", [5, 17], alibi="heads"), ((2, 4, 16), [0, 1, 2])),
+                    (Case("sink", [5, 17], sink=True), ((2, 4, 16), [0, 1, 2])),
+                    (Case("two_queries", [5, 17], seqlen_q=2, seqlen_new=2), ((4, 4, 16), [0, 2, 4]))):
+        seen.clear()
+        check_case(c, "cpu", torch.float64)
+        assert seen == [(want[0], want[1])], (c.name, seen)
 
 
 def test_kvcache_returns_out_only_and_int_seqlens():

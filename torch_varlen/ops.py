@@ -623,13 +623,31 @@ def flash_attn_with_kvcache(
         cu_k = torch.zeros(batch + 1, dtype=torch.int32, device=device)
     if softmax_scale is None:
         softmax_scale = q.shape[-1] ** -0.5
+    # GQA packing (decoding): with one query per sequence, the G = H / Hk query heads of a kv
+    # head become G query rows of one sequence under that kv head, so each kv head's keys are
+    # read once, not G times. Exact when every row sees the same keys with the same scores: one
+    # query (a causal or right window keeps all Lk keys), no left window, no per-head ALiBi
+    # slope or sink. Shapes decide it, so a captured or compiled step keeps one path.
+    head_dim, nheads_k = q.shape[-1], k_cache.shape[2]
+    group = nheads // nheads_k if nheads % nheads_k == 0 else 1
+    packed = seqlen_q == 1 and group > 1 and window_left < 0 and alibi_slopes is None and sink is None
+    if packed:
+        q_rows = q.reshape(batch, nheads_k, group, head_dim).transpose(1, 2).reshape(-1, nheads_k, head_dim)
+        cu_q, rows_q, window_right = cu_q * group, group, -1
+    else:
+        q_rows, rows_q = q.reshape(batch * seqlen_q, nheads, head_dim), seqlen_q
     out, lse = _ops.attention_forward(
-        q.reshape(batch * seqlen_q, nheads, q.shape[-1]), keys, values, cu_q, cu_k, seqlen_q,
+        q_rows, keys, values, cu_q, cu_k, rows_q,
         capacity, float(softmax_scale), window_left, window_right, float(softcap), alibi_slopes,
         None, starts, backend=backend if backend is not None else _default_backend, sink=sink,
         block_table=block_table, seqused_k=lengths, num_splits=int(num_splits),
     )
-    out = out.view(batch, seqlen_q, nheads, out.shape[-1])
+    if packed:  # rows (b, g) of kv head j -> query head j * G + g
+        out = out.view(batch, group, nheads_k, out.shape[-1]).transpose(1, 2)
+        lse = lse.view(nheads_k, batch, group).permute(1, 0, 2)
+    else:
+        lse = lse.view(nheads, batch, seqlen_q).transpose(0, 1)
+    out = out.reshape(batch, seqlen_q, nheads, out.shape[-1])
     if not return_softmax_lse:
         return out
-    return out, lse.view(nheads, batch, seqlen_q).transpose(0, 1)
+    return out, lse.reshape(batch, nheads, seqlen_q)
