@@ -244,7 +244,7 @@ def test_cuda_graph_replays_without_sync_or_recompile(minilm, cuda_models, compi
 def test_cuda_plan_stays_valid_across_runs(minilm, cuda_models):
     """A plan is device-resident and reusable: two runs of it, interleaved with another plan, agree
     bitwise. (The H200 run of d0a5e95 saw 1.5e-8 here when the segment mean used index_add_, whose
-    CUDA kernel adds with atomics; the prefix-sum segment mean has no run-dependent order.)"""
+    CUDA kernel adds with atomics; segment_reduce adds each segment in row order.)"""
     _, tokenizer, _ = minilm
     encoder = PackedEncoder(cuda_models[torch.float16], max_tokens=512)
     first = encoder.plan(tokenizer(corpus_sentences(30), truncation=True, max_length=256)["input_ids"])

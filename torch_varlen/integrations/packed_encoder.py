@@ -25,8 +25,8 @@ How a call runs:
 - **No host read in the step.** Every step's inputs are built on the host up front and copied
   to the device in one transfer; the step (embeddings, every layer through
   ``torch.ops.varlen.attention_forward``, mean pooling as a segment mean over the packed rows,
-  normalisation) reads nothing back. The segment mean differences float64 prefix sums at
-  ``cu_seqlens``, with no atomics, so the same sentences give bitwise the same embeddings. The only synchronisation is the caller reading the result.
+  normalisation) reads nothing back. The segment mean is ``torch.segment_reduce`` over
+  ``cu_seqlens`` in float64, with no atomics, so the same sentences give bitwise the same embeddings. The only synchronisation is the caller reading the result.
 - **Execution.** ``compile=True`` runs the step under ``torch.compile`` (``fullgraph``, static
   shapes: one graph per bucket); ``cuda_graph=True`` (CUDA only) captures the whole step, per
   bucket, as one ``torch.cuda.CUDAGraph`` with static input/output buffers and replays it, so
@@ -160,12 +160,12 @@ class PackedEncoder:
         hidden = self.model.embeddings(input_ids=ids[None], position_ids=positions[None])[0]
         for layer in self.model.encoder.layer:
             hidden = _packed_layer(layer, hidden, cu_seqlens_i32, C)
-        # segment mean: sentence s owns rows cu_seqlens[s]:cu_seqlens[s+1], so its sum is the
-        # difference of two float64 prefix sums. A scan along the rows adds in a fixed order on
-        # every device (index_add_'s CUDA atomics do not), so the embeddings are bitwise
-        # reproducible; float64 keeps the difference exact to far below float32 rounding.
-        prefix = torch.nn.functional.pad(hidden.to(torch.float64).cumsum(0), (0, 0, 1, 0))
-        sums = prefix[cu_seqlens[1:]] - prefix[cu_seqlens[:-1]]
+        # segment mean: sentence s owns rows cu_seqlens[s]:cu_seqlens[s+1]. segment_reduce adds
+        # each segment's rows in row order (one thread per output element on CUDA, no atomics,
+        # unlike index_add_), so the embeddings are bitwise reproducible, and float64 keeps the
+        # sums exact to far below float32 rounding. Not a cumsum: Inductor 2.11's split-scan
+        # codegen for a long cumsum over few columns fails (TypeError in get_block_shape).
+        sums = torch.segment_reduce(hidden.to(torch.float64), "sum", offsets=cu_seqlens, axis=0, unsafe=True)
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=1).to(torch.float64)
         pooled = (sums / lengths[:, None]).to(torch.float32)
         if self.normalize:
@@ -173,7 +173,7 @@ class PackedEncoder:
         return pooled
 
     def _empty_step(self, bucket: int) -> torch.Tensor:
-        """Staged inputs of a step with no sentence (warm-up, capture): every token pooled into the dropped row.
+        """Staged inputs of a step with no sentence (warm-up, capture): every segment empty, every row in none.
 
         Made outside inference mode, as ``plan``'s are, so that compiled graphs' guards match both."""
         with torch.inference_mode(False):
