@@ -26,7 +26,9 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 # each failure's id, and the duration. Under pytest-xdist the controller gets every worker's
 # reports, so the hooks below see the whole run there.
 
-_REPORT = {"passed": 0, "failed": [], "skipped": [], "xfailed": 0, "start": time.time()}
+_REPORT = {"passed": 0, "failed": [], "skipped": [], "xfailed": 0, "start": time.time(),
+           "collected": None, "durations": []}
+_NOT_RUN = "not run: the run's time limit (TORCH_VARLEN_TEST_DEADLINE) was reached"
 
 
 def pytest_configure(config):
@@ -84,10 +86,22 @@ def pytest_runtest_setup(item):
     # names what it did not run instead of being killed mid-way.
     deadline = os.environ.get("TORCH_VARLEN_TEST_DEADLINE")
     if deadline and time.time() > float(deadline):
-        pytest.skip("not run: the run's time limit (TORCH_VARLEN_TEST_DEADLINE) was reached")
+        pytest.skip(_NOT_RUN)
+
+
+def pytest_collection_finish(session):
+    if not hasattr(session.config, "workerinput"):  # without xdist; under it the controller collects nothing
+        _REPORT["collected"] = len(session.items)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    _REPORT["collected"] = len(ids)  # every worker collects the same (sharded) list
 
 
 def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _REPORT["durations"].append((round(report.duration, 1), report.nodeid))
     if report.when == "call" and report.passed:
         _REPORT["passed"] += 1
     elif report.failed:
@@ -124,6 +138,11 @@ def pytest_sessionfinish(session, exitstatus):
         "failures": _REPORT["failed"],
         "xfailed": _REPORT["xfailed"],
         "skipped": sorted(_REPORT["skipped"], key=lambda s: s["test"]),
+        # collected = passed + failed + xfailed + skipped when every test reported; "not_run"
+        # counts the tests the deadline skipped, so a run that is not the whole suite says so
+        "collected": _REPORT["collected"],
+        "not_run": sum(s["reason"] == _NOT_RUN for s in _REPORT["skipped"]),
+        "slowest": [{"test": t, "seconds": d} for d, t in sorted(_REPORT["durations"], reverse=True)[:40]],
         "exit_status": int(exitstatus),
         "seconds": round(time.time() - _REPORT["start"], 1),
     }

@@ -3,7 +3,9 @@
 Usage: python tools/merge_test_reports.py shard1.json shard2.json ... -o benchmarks/results/gpu_tests.json
 The shards must come from one commit and together cover 1/n .. n/n exactly once, unless
 --incomplete is given: then missing shards are allowed, listed in "missing_shards", and the
-report says in "complete": false that it is not a run of the whole suite.
+report says in "complete": false that it is not a run of the whole suite. A shard whose deadline
+(TEST_GPU_SECONDS) skipped tests ("not_run") or whose reports do not account for every collected
+test (an interrupted run) makes the merged run incomplete too.
 """
 
 import argparse
@@ -31,7 +33,12 @@ def merge(reports, incomplete=False):
     out["failures"] = sorted(f for r in reports for f in r["failures"])
     out["skipped"] = sorted((s for r in reports for s in r["skipped"]), key=lambda s: s["test"])
     out["exit_status"] = max(r["exit_status"] for r in reports)
-    out["complete"] = not missing
+    # reports of older runs lack these three; they count as unknown, not as complete
+    out["collected"] = sum(r.get("collected") or 0 for r in reports)
+    out["not_run"] = sum(r.get("not_run", 0) for r in reports)
+    reported = out["passed"] + out["xfailed"] + len(out["skipped"]) + len({f.rsplit(" (", 1)[0] for f in out["failures"]})
+    out["complete"] = not missing and out["not_run"] == 0 and out["collected"] == reported
+    out["slowest"] = sorted((t for r in reports for t in r.get("slowest", [])), key=lambda t: -t["seconds"])[:40]
     if missing:
         out["missing_shards"] = missing
     return out

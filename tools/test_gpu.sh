@@ -10,7 +10,9 @@
 # TEST_GPU_SECONDS (optional: tests that would start later than this many seconds after the
 # start are skipped as "not run", and the report lists them), TEST_GPU_SHARD (optional, "i/n":
 # run the i-th of n parts; tools/merge_test_reports.py adds the n reports up), TEST_GPU_PATHS
-# (default test/: a run of selected files is a probe, not GPU truth; the report's command shows it).
+# (default test/: a run of selected files is a probe, not GPU truth; the report's command shows it),
+# TEST_GPU_STOP_AT (optional Unix time: pytest is interrupted then, so that a run bounded by a
+# machine call still writes its report, which then says it is incomplete).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -46,8 +48,10 @@ if [ -n "${TEST_GPU_CXX:-}" ] || [ -x /usr/bin/g++ ]; then
 fi
 export MAX_JOBS=${MAX_JOBS:-16}
 mkdir -p build
+build_start=$(date +%s)
 $PY setup.py -q build_ext --inplace > build/test-gpu-build.log 2>&1 \
   || { tail -50 build/test-gpu-build.log; echo "build failed (build/test-gpu-build.log)"; exit 2; }
+echo "build: $(( $(date +%s) - build_start )) s"
 
 if [ -n "${TEST_GPU_SECONDS:-}" ]; then
   export TORCH_VARLEN_TEST_DEADLINE=$(( $(date +%s) + TEST_GPU_SECONDS ))
@@ -70,12 +74,17 @@ if [ "$workers" != 0 ] && $PY -c 'import xdist' 2>/dev/null; then
 fi
 paths=${TEST_GPU_PATHS:-test/}
 export TORCH_VARLEN_TEST_COMMAND="pytest $paths ${xdist[*]} ${PYTEST_ARGS:-}"
-$PY -m pytest $paths -q "${xdist[@]}" ${PYTEST_ARGS:-}
+stop=()
+if [ -n "${TEST_GPU_STOP_AT:-}" ]; then  # SIGINT: pytest ends the session and writes the report
+  stop=(timeout -s INT -k 30 $(( TEST_GPU_STOP_AT - $(date +%s) )))
+fi
+"${stop[@]}" $PY -m pytest $paths -q "${xdist[@]}" ${PYTEST_ARGS:-}
 status=$?
 $PY - "$REPORT" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{sys.argv[1]}: {r['passed']} passed, {r['failed']} failed, {len(r['skipped'])} skipped "
+      f"({r['not_run']} not run), {r['collected']} collected, "
       f"in {r['seconds']} s on {r['device']} (commit {r['commit'][:10]})")
 PY
 exit $status
