@@ -76,7 +76,8 @@ paths=${TEST_GPU_PATHS:-test/}
 export TORCH_VARLEN_TEST_COMMAND="pytest $paths ${xdist[*]} ${PYTEST_ARGS:-}"
 stop=()
 if [ -n "${TEST_GPU_STOP_AT:-}" ]; then  # SIGINT: pytest ends the session and writes the report
-  stop=(timeout -s INT -k 30 $(( TEST_GPU_STOP_AT - $(date +%s) )))
+  left=$(( TEST_GPU_STOP_AT - $(date +%s) ))
+  stop=(timeout -s INT -k 30 $(( left > 1 ? left : 1 )))  # timeout 0 would mean no limit
 fi
 "${stop[@]}" $PY -m pytest $paths -q "${xdist[@]}" ${PYTEST_ARGS:-}
 status=$?
