@@ -44,9 +44,10 @@ dst.copy_(src) of N = 1 GiB measured in the same run (read + write bytes: the DR
 copy sustains; a decode kernel's traffic is all reads, so of_copy compares total DRAM traffic).
 For context the run also measures a read-only stream (src.sum(), N / t: read_GBps) and gives
 of_read = kv_GBps / read_GBps. A pass on CUDA: a 256 MB buffer is zeroed (L2 flushed), a
-~1 ms torch.cuda._sleep spin is queued so the host's launch work for the call is hidden, then
-CUDA events bracket one call: the times are GPU time of one decode step, as under a CUDA
-graph. host_us: the host's median time to issue the call (eager overhead, not in the GPU time).
+torch.cuda._sleep spin is queued so the host's launch work for the call is hidden (at least
+~1 ms, and at least twice the call's issue time in its warm-up: spin_us per row), then CUDA
+events bracket one call: the times are GPU time of one decode step, as under a CUDA graph
+(host_gaps_possible marks a row whose issue still outlasted 0.9 x its spin). host_us: the host's median time to issue the call (eager overhead, not in the GPU time).
 CPU (--smoke): perf_counter around one call. Two untimed warm-up calls per implementation
 first (Triton / FA4 compiles).
 
@@ -109,6 +110,7 @@ class Timer:
 
     def __init__(self, device):
         self.cuda = device.type == "cuda"
+        self.measured_spin_us = None
         if self.cuda:
             self.flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=device)
             self.events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -123,9 +125,19 @@ class Timer:
         torch.cuda._sleep(SPIN_CYCLES)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end) * 1e3
+        self.measured_spin_us = start.elapsed_time(end) * 1e3
+        return self.measured_spin_us
 
-    def time(self, fn):
+    def spin_cycles(self, host_us):
+        """Spin cycles that cover twice ``host_us`` of issue work (at least SPIN_CYCLES), so that
+        a call whose eager issue is slow still runs on the GPU without gaps inside the bracket."""
+        if not self.cuda:
+            return 0
+        if self.measured_spin_us is None:
+            self.spin_us()
+        return SPIN_CYCLES * max(1, math.ceil(2 * host_us / self.measured_spin_us))
+
+    def time(self, fn, spin_cycles=SPIN_CYCLES):
         if not self.cuda:
             t = time.perf_counter()
             fn()
@@ -133,7 +145,7 @@ class Timer:
             return us, us
         start, end = self.events
         self.flush.zero_()
-        torch.cuda._sleep(SPIN_CYCLES)
+        torch.cuda._sleep(spin_cycles)
         start.record()
         t = time.perf_counter()
         fn()
@@ -158,23 +170,32 @@ def stats(times):
 
 def run_interleaved(fns: dict, timer: Timer, passes: int, warmup: int = 2):
     """{name: fn} -> {name: (stats, host_us) or an error string}; pass p of every fn, then p+1."""
-    ok, out = {}, {}
+    ok, out, spins = {}, {}, {}
     for name, fn in fns.items():
         try:
+            issue = []
             for _ in range(warmup):
+                if timer.cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
                 fn()
+                issue.append((time.perf_counter() - t) * 1e6)
             ok[name] = fn
+            spins[name] = timer.spin_cycles(min(issue))  # the warm-up's fastest issue (later compiles excluded)
         except Exception as e:  # one failing implementation must not stop the run
             out[name] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     times = {n: [] for n in ok}
     hosts = {n: [] for n in ok}
     for _ in range(passes):
         for name, fn in ok.items():
-            t, h = timer.time(fn)
+            t, h = timer.time(fn, spins[name])
             times[name].append(t)
             hosts[name].append(h)
     for name in ok:
-        out[name] = (stats(times[name]), round(statistics.median(hosts[name]), 1))
+        st = stats(times[name])
+        if timer.cuda:
+            st["spin_us"] = round(timer.measured_spin_us * spins[name] / SPIN_CYCLES, 1)
+        out[name] = (st, round(statistics.median(hosts[name]), 1))
     return out
 
 
@@ -584,9 +605,10 @@ def git_commit():
 METHOD = ("Decode: one query per sequence, all sequences of a config with cache_seqlens = cache_len; "
           "paged caches hold the same keys in shuffled blocks. Per implementation two untimed "
           "warm-up calls, then --passes timed passes interleaved across implementations; a CUDA "
-          "pass zeroes a 256 MB buffer (L2 flush), queues a ~1 ms torch.cuda._sleep so the host's "
-          "launch work is hidden, and brackets one call with CUDA events (GPU time, as under a CUDA "
-          "graph; host_us is the eager issue time, not included). median / best / max over passes, "
+          "pass zeroes a 256 MB buffer (L2 flush), queues a torch.cuda._sleep spin so the host's "
+          "launch work is hidden (spin_us: at least ~1 ms and twice the call's warm-up issue time), and "
+          "brackets one call with CUDA events (GPU time, as under a CUDA graph; host_us is the eager "
+          "issue time, not included; host_gaps_possible: host_us > 0.9 x spin_us). median / best / max over passes, "
           "spread = (max - min) / median. kv_bytes = sum(cache_seqlens) * Hk * D * 2 (K, V) * 2 B; "
           "kv_GBps = kv_bytes / median. copy_GBps = 2 * 1 GiB / median time of dst.copy_(src) (read + "
           "write bytes) in the same run; of_copy = kv_GBps / copy_GBps (decode traffic is all reads, "
@@ -672,7 +694,7 @@ def main(argv=None):
         new = decode_rows(case, heads, args.block_size, fa4, verdicts[heads], timer,
                           args.passes, copy_gbps, read_gbps, nosplit=B <= 8)
         for r in new:  # the spin did not cover the host's issue time: GPU idle inside
-            if spin_us is not None and r.get("host_us", 0) > 0.9 * spin_us:
+            if spin_us is not None and r.get("host_us", 0) > 0.9 * r.get("spin_us", spin_us):
                 r["host_gaps_possible"] = True
         rows += new
         best = [r for r in new if r["impl"] == "torch_varlen" and r.get("status") == "ok"]

@@ -51,3 +51,17 @@ def test_bench_decode_smoke(tmp_path):
     assert merged["meta"]["attention"] == {"date": "d"} and merged["meta"]["decode"]["date"] == meta["date"]
     assert [r for r in merged["rows"] if r["bench"] == "attention"] == [{"bench": "attention", "ms": 1.0}]
     assert [r for r in merged["rows"] if r["bench"] == "decode"] == rows  # the stale row is gone
+
+
+def test_spin_covers_twice_the_issue_time():
+    # the CUDA timer's spin grows with a slow call's eager issue time, so the GPU does not idle
+    # inside the timed bracket (checked here without a GPU: the cycle arithmetic only)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_decode
+    import torch
+    timer = bench_decode.Timer(torch.device("cpu"))
+    assert timer.spin_cycles(5000.0) == 0  # no spin on the CPU
+    timer.cuda, timer.measured_spin_us = True, 1000.0  # SPIN_CYCLES ran 1 ms
+    base = bench_decode.SPIN_CYCLES
+    assert timer.spin_cycles(100.0) == base  # short issue: the default ~1 ms
+    assert timer.spin_cycles(1900.0) == 4 * base  # 1.9 ms of issue: at least 3.8 ms of spin
