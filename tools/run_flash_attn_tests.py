@@ -381,6 +381,8 @@ def main(argv=None):
     for func, v in report.items():
         for f in v["failures"]:
             print(f"FAILED {f['test']}: {f['error']}")
+    if returncode not in (0, 1) and not args.verbose:  # e.g. the test file's imports failed
+        sys.stderr.write(f"pytest exited with {returncode}:\n{tail}\n")
     return 1 if failed or returncode not in (0, 1) else 0
 
 
