@@ -47,7 +47,8 @@ of_read = kv_GBps / read_GBps. A pass on CUDA: a 256 MB buffer is zeroed (L2 flu
 torch.cuda._sleep spin is queued so the host's launch work for the call is hidden (at least
 ~1 ms, and at least twice the call's issue time in its warm-up: spin_us per row), then CUDA
 events bracket one call: the times are GPU time of one decode step, as under a CUDA graph
-(host_gaps_possible marks a row whose issue still outlasted 0.9 x its spin). host_us: the host's median time to issue the call (eager overhead, not in the GPU time).
+(host_gaps_possible marks a row whose issue still outlasted 0.9 x its spin). host_us: the
+host's median time to issue the call (eager overhead, not in the GPU time).
 CPU (--smoke): perf_counter around one call. Two untimed warm-up calls per implementation
 first (Triton / FA4 compiles).
 
@@ -181,7 +182,7 @@ def run_interleaved(fns: dict, timer: Timer, passes: int, warmup: int = 2):
                 fn()
                 issue.append((time.perf_counter() - t) * 1e6)
             ok[name] = fn
-            spins[name] = timer.spin_cycles(min(issue))  # the warm-up's fastest issue (later compiles excluded)
+            spins[name] = timer.spin_cycles(min(issue))  # the fastest warm-up issue: no compile
         except Exception as e:  # one failing implementation must not stop the run
             out[name] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     times = {n: [] for n in ok}
