@@ -5,18 +5,19 @@ import os
 import subprocess
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_bench_decode_smoke(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out, results = tmp_path / "decode.json", tmp_path / "h200.json"
     results.write_text(json.dumps({"meta": {"attention": {"date": "d"}},
                                    "rows": [{"bench": "attention", "ms": 1.0},
                                             {"bench": "decode", "stale": True}]}))
     proc = subprocess.run(
-        [sys.executable, os.path.join(root, "benchmarks", "bench_decode.py"), "--smoke",
+        [sys.executable, os.path.join(ROOT, "benchmarks", "bench_decode.py"), "--smoke",
          "--out", str(out), "--record", str(results)],
-        capture_output=True, text=True, timeout=120, cwd=root,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))))
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     rows, meta = data["rows"], data["meta"]
@@ -56,7 +57,7 @@ def test_bench_decode_smoke(tmp_path):
 def test_spin_covers_twice_the_issue_time():
     # the CUDA timer's spin grows with a slow call's eager issue time, so the GPU does not idle
     # inside the timed bracket (checked here without a GPU: the cycle arithmetic only)
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import bench_decode
     import torch
     timer = bench_decode.Timer(torch.device("cpu"))
