@@ -87,9 +87,12 @@ from torch_varlen.kernels import attention as triton_attention  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def our_kernels():
+def our_kernels(monkeypatch):
     """These tests are about the Triton kernels: with FlashAttention-4 installed, backend "auto"
-    would run FA4 for most calls (test_fa4_backend.py tests that path)."""
+    would run FA4 for most calls (test_fa4_backend.py tests that path), and on a Hopper GPU
+    "torch_varlen" runs the forward on kernels/hopper.py where it can (test_hopper_attention.py
+    tests that path; TORCH_VARLEN_HOPPER=0 turns it off, in sanitizer children too)."""
+    monkeypatch.setenv("TORCH_VARLEN_HOPPER", "0")
     with torch_varlen.attention_backend("torch_varlen"):
         yield
 

@@ -157,7 +157,7 @@ def test_select_torch_varlen_and_bad_names(monkeypatch):
 
     monkeypatch.setattr(fa4, "available", no_import)
     assert fa4.select("torch_varlen", *_qkv(), capability=H90) is False
-    with pytest.raises(ValueError, match=r"backend must be None, 'auto', 'torch_varlen' or 'fa4', got 'fa3'"):
+    with pytest.raises(ValueError, match=r"backend must be None, 'auto', 'torch_varlen', 'triton', 'hopper' or 'fa4', got 'fa3'"):
         fa4.select("fa3", *_qkv(), capability=H90)
     # An unsupported call does not import FA4 either (the import takes seconds).
     assert fa4.select("auto", *_qkv(torch.float32), capability=H90) is False
@@ -195,7 +195,8 @@ def _cpu_sample():
 
 def test_forced_fa4_on_cpu_tensors_errors():
     s = _cpu_sample()
-    msg = r"backend must be None, 'auto' or 'torch_varlen' for CPU tensors \('fa4' needs CUDA\), got 'fa4'"
+    msg = (r"backend must be None, 'auto' or 'torch_varlen' for CPU tensors \('fa4', 'triton' and "
+           r"'hopper' need CUDA\), got 'fa4'")
     with pytest.raises(RuntimeError, match=msg):
         torch_varlen.varlen_attention(s.q, s.k, s.v, s.cu_seqlens_q, s.cu_seqlens_k, 5, 5, backend="fa4")
     with pytest.raises(RuntimeError, match=msg):
@@ -252,8 +253,8 @@ def test_attention_backend_restores_on_error_and_checks_name(monkeypatch):
             assert varlen_ops._default_backend == "fa4"
             raise KeyError("boom")
     assert varlen_ops._default_backend is None
-    with pytest.raises(ValueError, match=r"attention_backend name must be 'auto', 'torch_varlen' or 'fa4', got 'triton'"):
-        torch_varlen.attention_backend("triton")
+    with pytest.raises(ValueError, match=r"attention_backend name must be 'auto', 'torch_varlen', 'triton', 'hopper' or 'fa4', got 'fa3'"):
+        torch_varlen.attention_backend("fa3")
 
 
 def test_env_var_sets_the_default_backend():

@@ -160,6 +160,7 @@ class AttnExample:
     launchers: bool = False  # call the Triton launchers directly (the interpreter slice)
     sink: bool = False  # learnable sink logits (head 0's -inf when there are two heads or more)
     seed: int = 0  # torch.manual_seed before the inputs are drawn
+    backend: str = "torch_varlen"  # the op's backend ("hopper": HOPPER_KEYS' examples)
 
     @property
     def nheads(self):
@@ -239,7 +240,7 @@ class AttnExample:
         poison = ("import os\nos.environ['TORCH_VARLEN_POISON_OUTPUTS'] = '1'  # the CPU kernels NaN-fill outputs\n"
                   if self.device == "cpu" and not self.launchers else
                   "triton_attention._poison_outputs = True  # NaN-fill outputs, as the test does\n")
-        run = _RUN_LAUNCHERS if self.launchers else _RUN_OP
+        run = _RUN_LAUNCHERS if self.launchers else _RUN_OP.replace("'torch_varlen'", repr(self.backend))
         body = check.format(poison=poison, run=run, out_only="" if self.lse_grad else _OUT_ONLY_CHECK,
                             fp8_pv=self.fp8_pv,
                             launcher=self.launchers or self.fp8_pv is not None,
@@ -668,15 +669,16 @@ def check_attention(ex: AttnExample):
         dropout = ns["dropout"]
         dropout_p, rng_state = dropout.get("dropout_p", 0.0), dropout.get("rng_state")
         run = _run_launchers if ex.launchers else _run_op
-        if ex.dtype == "float64":
-            from test_attention_triton import _check_float64
+        with torch_varlen.attention_backend(ex.backend):
+            if ex.dtype == "float64":
+                from test_attention_triton import _check_float64
 
-            _check_float64(s, run, dropout_p=dropout_p, rng_state=rng_state)
-        else:
-            _check(s, _shift_grad_lse(run, ex.launchers), dropout_p=dropout_p, rng_state=rng_state,
-                   atol=_atol(s, dropout_p, rng_state))
-        if not ex.lse_grad:
-            _check_out_only_backward(s, ex.launchers, dropout_p, rng_state)
+                _check_float64(s, run, dropout_p=dropout_p, rng_state=rng_state)
+            else:
+                _check(s, _shift_grad_lse(run, ex.launchers), dropout_p=dropout_p,
+                       rng_state=rng_state, atol=_atol(s, dropout_p, rng_state))
+            if not ex.lse_grad:
+                _check_out_only_backward(s, ex.launchers, dropout_p, rng_state)
 
 
 def _fp8_launcher_forward(args, kwargs, fp8_pv):
@@ -867,6 +869,23 @@ GPU_KEYS = _gpu_keys()
 GPU_EXAMPLES_PER_KEY = 6
 
 
+def _hopper_keys():
+    """Keys for kernels/hopper.py (run with backend "hopper"): both 16-bit dtypes, the head-dim
+    pairs it takes, every mask kind, and softcap / padded layouts / sinks / GQA from a fixed draw
+    (it has no ALiBi, dropout or FP8: those run on Triton, in GPU_KEYS)."""
+    rng = random.Random(20261204)
+    pairs = [(64, 64), (128, 128), (256, 256), (128, 64), (64, 128), (256, 128)]
+    keys = []
+    for i, (dtype, (d, dv)) in enumerate((t, p) for t in ("bfloat16", "float16") for p in pairs):
+        keys.append(KernelKey(dtype, d, dv, rng.randint(1, 4), rng.randint(1, 4),
+                              ("full", "causal", "window")[i % 3], softcap=rng.random() < 0.4,
+                              pad=("", "q", "k", "qk")[(i // 3) % 4], sink=rng.random() < 0.35))
+    return keys
+
+
+HOPPER_KEYS = _hopper_keys()
+
+
 # TORCH_VARLEN_FUZZ_SCALE=N multiplies every example count (a longer fuzz run by hand).
 FUZZ_SCALE = float(os.environ.get("TORCH_VARLEN_FUZZ_SCALE", "1"))
 
@@ -906,6 +925,23 @@ def test_gpu_fuzz_attention(key, poisoned):
     @seed(GPU_KEYS.index(key) + 1000)
     @_settings(GPU_EXAMPLES_PER_KEY)
     @given(attention_examples(key, GPU, "cuda"))
+    def run(ex):
+        check_attention(ex)
+
+    run()
+
+
+@requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                    reason="kernels/hopper.py needs a compute capability 9.x GPU")
+@pytest.mark.parametrize("key", HOPPER_KEYS, ids=lambda k: f"hopper-{k}")
+def test_gpu_fuzz_hopper_attention(key, poisoned):
+    """GPU_EXAMPLES_PER_KEY drawn examples of one HOPPER_KEYS key, backend "hopper" (its forward,
+    Triton's backward from its out and lse)."""
+
+    @seed(HOPPER_KEYS.index(key) + 2000)
+    @_settings(GPU_EXAMPLES_PER_KEY)
+    @given(attention_examples(key, GPU, "cuda").map(lambda ex: dataclasses.replace(ex, backend="hopper")))
     def run(ex):
         check_attention(ex)
 

@@ -145,8 +145,13 @@ class attention_backend:
     """Context manager: attention calls with ``backend=None`` inside it use ``name``.
 
     ``name``: ``"auto"`` (FlashAttention-4 when installed and able to run the call, else our
-    kernels), ``"torch_varlen"`` (our kernels) or ``"fa4"`` (FlashAttention-4, or an error saying
-    why it cannot run the call). Outside any such block the default is the environment variable
+    kernels), ``"torch_varlen"`` (our kernels: the Triton kernels; with TORCH_VARLEN_HOPPER=1,
+    on a Hopper GPU, the forward runs the warp-specialized kernel of kernels/hopper.py where it
+    supports the call; backwards run on Triton), ``"triton"`` (our Triton kernels only),
+    ``"hopper"`` (the Hopper forward with Triton's backward, or an error saying why it cannot
+    run the call) or ``"fa4"`` (FlashAttention-4, or an error saying why it cannot run the
+    call). On CPU tensors ``"auto"`` and ``"torch_varlen"`` run the CPU kernels; the other names
+    need CUDA tensors. Outside any such block the default is the environment variable
     ``TORCH_VARLEN_ATTENTION_BACKEND`` (read when torch_varlen is imported), else ``"auto"``.
     The choice is made when the forward runs; its backward uses the same backend. Enter it
     outside ``torch.compile``d code: a compiled function recompiles for a new value.
@@ -159,7 +164,8 @@ class attention_backend:
 
     def __init__(self, name: str):
         if name not in BACKENDS:
-            raise ValueError(f"attention_backend name must be 'auto', 'torch_varlen' or 'fa4', got {name!r}")
+            raise ValueError("attention_backend name must be 'auto', 'torch_varlen', 'triton', "
+                             f"'hopper' or 'fa4', got {name!r}")
         self.name = name
 
     def __enter__(self):
@@ -209,9 +215,10 @@ def varlen_attention(
     keyed by ``rng_state`` = int64 [seed, offset] on q's device (drawn from torch's generator
     when None). ``max_seqlen_*`` (int or SymInt) are sizing hints, never needed for
     correctness. ``deterministic`` makes the backward bitwise reproducible. ``backend``:
-    ``"auto"`` / ``"torch_varlen"`` / ``"fa4"`` (see ``attention_backend``, whose value is used
-    when None); FlashAttention-4 runs bfloat16 / float16 CUDA calls without dropout, ALiBi or
-    padded cu_seqlens on compute capability 9.x / 10.x.
+    ``"auto"`` / ``"torch_varlen"`` / ``"triton"`` / ``"hopper"`` / ``"fa4"`` (see
+    ``attention_backend``, whose value is used when None); FlashAttention-4 runs bfloat16 /
+    float16 CUDA calls without dropout, ALiBi or padded cu_seqlens on compute capability 9.x /
+    10.x; the Hopper kernel: kernels/hopper.py's ``supported``.
 
     FP8 forward: q, k, v all ``torch.float8_e4m3fn`` (float8_e5m2 is not supported) with
     float32 ``q_descale`` / ``k_descale`` / ``v_descale``, each None (= 1), ``(1,)`` (per
@@ -294,7 +301,8 @@ def flash_attn_varlen_func(
     the (B, H, max_seqlen_q, max_seqlen_k) weight matrix after masking and dropout (dropped
     entries 0, kept ones scaled by 1/(1-p), so out = attn_probs @ v). attn_probs is computed
     by the float64 reference for tests and debugging only: it is slow and syncs the host.
-    ``backend`` (keyword): ``"auto"``, ``"torch_varlen"`` or ``"fa4"``, as in ``varlen_attention``.
+    ``backend`` (keyword): as in ``varlen_attention`` (``"auto"``, ``"torch_varlen"``, ``"triton"``,
+    ``"hopper"`` or ``"fa4"``).
     ``q_descale`` / ``k_descale`` / ``v_descale``: the FP8 forward (float8_e4m3fn q, k, v).
 
     AITER's keyword names: ``logits_soft_cap`` is ``softcap`` (an error if both are given and

@@ -46,6 +46,7 @@ TORCH_LIBRARY(varlen, m) {
   // the query heads of the kv head's group); the op computes with q*q_descale etc. and returns
   // out in bfloat16, lse float32. No dropout; forward only (the backward rejects FP8).
   // backend: None = automatic (torch_varlen.attention_backend), "torch_varlen" = our kernels,
+  // "triton" / "hopper" = our Triton kernels / the Hopper forward on CUDA (kernels/hopper.py),
   // "fa4" = FlashAttention-4 on CUDA (kernels/fa4.py); the forward's choice goes to the backward.
   // sink (nheads,) in softmax_lse's dtype: a learnable logit per query head that joins every
   // row's softmax denominator (gpt-oss's s_aux): p_ij = exp(s_ij) / (exp(sink_h) + sum_j

@@ -45,7 +45,10 @@ from ..meta.attention import check_attention_shapes, check_sink
 
 log = logging.getLogger("torch_varlen")
 
-BACKENDS = ("auto", "torch_varlen", "fa4")
+# "torch_varlen": our kernels (Triton; hopper.py's forward with TORCH_VARLEN_HOPPER=1 where it
+# runs); "triton": the Triton kernels only; "hopper": hopper.py's forward or an error (with
+# Triton's backward).
+BACKENDS = ("auto", "torch_varlen", "fa4", "triton", "hopper")
 TESTED = "flash-attn-4 4.0.0b36, nvidia-cutlass-dsl 4.8.1"
 _CAPABILITY_MAJORS = (9, 10)  # Hopper, Blackwell datacenter: the FA4 paths we support
 
@@ -154,8 +157,9 @@ def _log_once(choice: str, reason: str) -> None:
 def select(backend: Optional[str], q, k, v, **features) -> bool:
     """True when this call runs on FA4. ``features`` are ``supported``'s keyword arguments."""
     if backend not in (None, *BACKENDS):
-        raise ValueError(f"backend must be None, 'auto', 'torch_varlen' or 'fa4', got {backend!r}")
-    if backend == "torch_varlen":
+        raise ValueError("backend must be None, 'auto', 'torch_varlen', 'triton', 'hopper' or "
+                         f"'fa4', got {backend!r}")
+    if backend in ("torch_varlen", "triton", "hopper"):
         return False
     ok, reason = supported(q, k, v, **features)
     if ok:

@@ -457,7 +457,8 @@ void check_sink(const Tensor& q, const OptTensor& sink) {
 // The CPU runs our kernels only: None, "auto" and "torch_varlen" select them.
 void check_backend(const std::optional<c10::string_view>& backend) {
   TORCH_CHECK(!backend || *backend == "auto" || *backend == "torch_varlen",
-              "backend must be None, 'auto' or 'torch_varlen' for CPU tensors ('fa4' needs CUDA), "
+              "backend must be None, 'auto' or 'torch_varlen' for CPU tensors ('fa4', 'triton' and "
+              "'hopper' need CUDA), "
               "got '", std::string(*backend), "'");
 }
 
