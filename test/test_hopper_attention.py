@@ -29,7 +29,7 @@ import torch_varlen
 from torch_varlen import reference
 from conftest import requires_cuda
 from samples import assert_compiled_step_matches_eager, cu_seqlens, make_attention_sample
-from test_attention_triton import _check, _finite
+from test_attention_triton import _check, _finite, _layer, _layer_forward
 
 triton = pytest.importorskip("triton")
 from torch_varlen.kernels import attention as triton_attention  # noqa: E402
@@ -299,25 +299,13 @@ def test_gpu_hopper_opcheck():
                               dict(backend="hopper", sink=sink))
 
 
-def _layer(embed=256, nheads=4, headdim=64):
-    torch.manual_seed(0)
-    return torch.nn.ModuleDict({
-        "qkv": torch.nn.Linear(embed, 3 * nheads * headdim),
-        "proj": torch.nn.Linear(nheads * headdim, embed),
-    }).cuda().to(torch.bfloat16)
-
-
-def _layer_forward(layer, x, cu, max_seqlen, nheads=4, headdim=64):
-    q, k, v = layer["qkv"](x).view(x.shape[0], 3, nheads, headdim).unbind(1)
-    o = torch_varlen.flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=True,
-                                            backend="hopper")
-    return layer["proj"](o.flatten(1)).float().square().mean()
-
-
 @requires_hopper
 def test_gpu_hopper_compiled_training_step_no_recompile():
-    assert_compiled_step_matches_eager(_layer_forward, _layer(), 256,
-                                       ([50, 170, 0, 640], [1000, 300], [129, 2, 300, 64], [250]))
+    """test_attention_triton's attention layer (head dim 64) with the backend forced to hopper."""
+    step = lambda layer, x, cu, max_seqlen: _layer_forward(layer, x, cu, max_seqlen, 4, 64)
+    with torch_varlen.attention_backend("hopper"):
+        assert_compiled_step_matches_eager(step, _layer(256, 4, 64), 256,
+                                           ([50, 170, 0, 640], [1000, 300], [129, 2, 300, 64], [250]))
 
 
 @requires_hopper
